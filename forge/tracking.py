@@ -45,9 +45,13 @@ class Tracker:
 
     def _create_experiment(self) -> str:
         try:
-            return self.client.create_experiment(self.cfg.experiment)
-        except Exception:  # created by a parallel task in the meantime
-            return self.client.get_experiment_by_name(self.cfg.experiment).experiment_id
+            return self.client.create_experiment(self.cfg.experiment,
+                                                 artifact_location=self.cfg.artifact_location)
+        except Exception:
+            exp = self.client.get_experiment_by_name(self.cfg.experiment)
+            if exp is None:
+                raise
+            return exp.experiment_id  # created by a parallel task in the meantime
 
     def _find_parents(self) -> list[Any]:
         return self.client.search_runs(

@@ -14,6 +14,7 @@ def test_demo_profile_loads_and_expands_forge_home(forge_home: Path) -> None:
     assert cfg.model.is_demo
     assert cfg.storage.root == f"file://{forge_home}/artifacts"
     assert cfg.tracking.tracking_uri == f"sqlite:///{forge_home}/mlflow.db"
+    assert cfg.tracking.artifact_location == f"file://{forge_home}/mlflow-artifacts"  # a model default
     assert cfg.vocab.trim_enabled is False  # the plan skips 0B
 
 

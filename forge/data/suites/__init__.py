@@ -1,0 +1,79 @@
+"""Verifiable task suites, one per MVP domain, generated deterministically from a seed.
+
+`generate(domain, n, seed, split)` returns rows in the forge.data.records schema whose
+reference answers pass `check_answer`. Splits never share a prompt: each prompt hashes into a
+bucket, "dev" and "heldout" own disjoint buckets, and every other split ("train", "pretrain",
+or any new name) draws from the remaining ones, each split from its own random stream.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from types import ModuleType
+from typing import Any
+
+from forge.data.suites import automation, code, general, reasoning
+from forge.data.suites.checks import CheckResult, check_answer, validate_check
+
+__all__ = ["SUITES", "CheckResult", "check_answer", "generate", "validate_check"]
+
+SUITES: dict[str, ModuleType] = {
+    "general": general,
+    "code": code,
+    "reasoning": reasoning,
+    "automation": automation,
+}
+
+N_BUCKETS = 20
+EVAL_BUCKETS = {"dev": frozenset({0}), "heldout": frozenset({1, 2, 3})}
+TRAIN_BUCKETS = frozenset(range(4, N_BUCKETS))
+# After this many draws in a row that only repeat prompts already in the split, accept repeats:
+# a production-sized split may ask for more rows than a template space holds.
+MAX_REPEAT_STREAK = 2000
+
+
+def _stable_int(text: str) -> int:
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big")
+
+
+def prompt_bucket(domain: str, prompt: str) -> int:
+    return _stable_int(f"{domain}|{prompt}") % N_BUCKETS
+
+
+def split_buckets(split: str) -> frozenset[int]:
+    return EVAL_BUCKETS.get(split, TRAIN_BUCKETS)
+
+
+def generate(domain: str, n: int, seed: int, split: str) -> list[dict[str, Any]]:
+    """n rows of `domain` for `split`, the same for the same (domain, n, seed, split)."""
+    if domain not in SUITES:
+        raise ValueError(f"unknown suite domain {domain!r}; known: {sorted(SUITES)}")
+    if n < 0:
+        raise ValueError(f"n must be >= 0 (got {n})")
+    rng = random.Random(_stable_int(f"forge-suite|{domain}|{split}|{seed}"))
+    buckets = split_buckets(split)
+    make_task = SUITES[domain].make_task
+    rows: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    repeat_streak, allow_repeats = 0, False
+    while len(rows) < n:
+        task = make_task(rng)
+        if prompt_bucket(domain, task.prompt) not in buckets:
+            continue
+        if task.prompt in seen and not allow_repeats:
+            repeat_streak += 1
+            allow_repeats = repeat_streak >= MAX_REPEAT_STREAK  # the split's share of prompts is used up
+            continue
+        repeat_streak = 0
+        seen.add(task.prompt)
+        rows.append({
+            "id": f"{domain}-{split}-{len(rows):05d}",
+            "domain": domain,
+            "messages": [{"role": "user", "content": task.prompt},
+                         {"role": "assistant", "content": task.answer}],
+            "check": task.check,
+            "source": f"suite:{domain}",
+            "task": task.task,
+        })
+    return rows

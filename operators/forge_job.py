@@ -1,0 +1,124 @@
+"""ForgeJobOperator: run one Forge phase (forge/phases.py) as an Airflow task.
+
+Thin by design: it builds the validated config from the DAG run (trigger form + conf), resolves
+the artifact store's credentials, hands plain values to a runtime (operators/runtimes/) and
+turns the job's manifest into task state: skipped manifest -> skipped task, summary -> XCom.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from airflow.sdk import BaseOperator, Context
+from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
+
+from forge.config import ConfigError, PipelineConfig, load_config
+from forge.phases import get_phase
+from operators.hooks.mlflow import mlflow_run_url
+from operators.hooks.storage import ArtifactStoreHook
+from operators.links.mlflow import MlflowRunLink
+from operators.runtimes import RUNTIMES, JobRequest, Runtime, get_runtime
+from operators.trigger_form import config_request
+
+
+class ForgeJobOperator(BaseOperator):
+    """Runs `forge.runner.run_phase(phase_id, ...)` in a runtime.
+
+    :param phase_id: a phase registry id ("prep_data", "1A", ...); task_id defaults to its task id.
+    :param runtime: "inprocess" (default) or "venv[:NAME]" (another interpreter, see `python`).
+    :param python: interpreter of the venv runtime; else env FORGE_RUNTIME_<NAME>.
+    :param env: extra environment variables for the job.
+    :param config_path: pipeline.yaml to read (default: FORGE_CONFIG or config/pipeline.yaml).
+    :param track: log to MLflow (parent run per DAG run, nested run per task).
+    :param retries: 0 by default: a failed phase is fixed, then its task cleared by a human.
+    """
+
+    template_fields = ("env", "config_path")
+    ui_color = "#e8f0fe"
+    operator_extra_links = (MlflowRunLink(),)
+
+    def __init__(
+        self,
+        *,
+        phase_id: str,
+        runtime: str = "inprocess",
+        python: str | None = None,
+        env: dict[str, str] | None = None,
+        config_path: str | None = None,
+        track: bool = True,
+        retries: int = 0,
+        task_id: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        phase = get_phase(phase_id)  # an unknown id fails at parse time, naming the known ones
+        if runtime.partition(":")[0] not in RUNTIMES:
+            raise ValueError(f"{phase_id}: unknown runtime {runtime!r}; known: {list(RUNTIMES)}")
+        kwargs.setdefault("doc_md", f"**{phase.id}: {phase.title}**  \njob `{phase.job}`, inputs: "
+                                    f"{', '.join(phase.inputs) or 'none'}")
+        super().__init__(task_id=task_id or phase.task_id, retries=retries, **kwargs)
+        self.phase_id = phase_id
+        self.runtime = runtime
+        self.python = python
+        self.env = dict(env or {})
+        self.config_path = config_path
+        self.track = track
+        self._runtime: Runtime | None = None
+        self.forge_summary: dict[str, Any] | None = None  # set by execute()
+
+    # ---- config from the DAG run -------------------------------------------------------------
+    def build_config(self, context: Context) -> tuple[PipelineConfig, dict[str, Any]]:
+        """The validated config of this run; a bad one fails the task before any work."""
+        dag_run = context.get("dag_run")
+        conf = getattr(dag_run, "conf", None) or {}
+        try:
+            profile, overrides = config_request(context.get("params"), conf)
+            cfg = load_config(self.config_path, profile, overrides)
+        except ConfigError as exc:
+            # AirflowFailException: no retry, a human must fix the trigger form / conf first
+            raise AirflowFailException(str(exc)) from exc
+        return cfg, overrides
+
+    def job_env(self) -> dict[str, str]:
+        """Extra env for the job; the GPU operator adds CUDA_VISIBLE_DEVICES."""
+        return {k: str(v) for k, v in self.env.items()}
+
+    # ---- run ---------------------------------------------------------------------------------
+    def execute(self, context: Context) -> dict[str, Any]:
+        cfg, overrides = self.build_config(context)
+        run_id = context["run_id"]
+        storage = ArtifactStoreHook(cfg.storage).get_credentials()
+        request = JobRequest(phase_id=self.phase_id, run_id=run_id, config=cfg, overrides=overrides,
+                             storage=storage, env=self.job_env(), config_path=self.config_path,
+                             track=self.track)
+        from operators.runtimes.venv import CONFIG_ERROR_RC, JobFailed, RuntimeSetupError
+
+        try:
+            self._runtime = get_runtime(self.runtime, self.python)
+            manifest = self._runtime.run(request, self.log)
+        except RuntimeSetupError as exc:
+            raise AirflowFailException(str(exc)) from exc
+        except JobFailed as exc:
+            if exc.returncode == CONFIG_ERROR_RC:  # the other runtime's forge rejected the config
+                raise AirflowFailException(str(exc)) from exc
+            raise
+        finally:
+            self._runtime = None
+        summary = {
+            "phase": manifest.phase,
+            "status": manifest.status,
+            "skip_reason": manifest.skip_reason,
+            "uri": manifest.base_uri or None,
+            "cache_key": manifest.cache_key,
+            "cached_from_run": manifest.run_id if manifest.run_id != run_id else None,
+            "mlflow_run_id": manifest.mlflow_run_id,
+            "mlflow_url": mlflow_run_url(cfg.tracking, manifest.mlflow_run_id) if self.track else None,
+        }
+        self.forge_summary = summary  # read by the MLflow link when the task ends, skipped or not
+        if manifest.status == "skipped":
+            raise AirflowSkipException(f"phase {self.phase_id} skipped: {manifest.skip_reason}")
+        self.log.info("phase %s %s: %s", self.phase_id, manifest.status, manifest.base_uri)
+        return summary
+
+    def on_kill(self) -> None:
+        if self._runtime is not None:
+            self._runtime.kill()

@@ -1,0 +1,146 @@
+"""End to end: `dag.test()` of forge_pipeline on the demo profile, shrunk by run conf.
+
+Real Airflow (migrated SQLite metadata DB in a temp AIRFLOW_HOME), real jobs, real MLflow
+(SQLite in a temp FORGE_HOME). Every task must succeed except 0B, skipped as the plan says.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.airflow_env import REPO, configure
+
+configure()
+
+pytestmark = pytest.mark.e2e
+
+UI_URL = "http://mlflow.test:5000"
+
+
+@pytest.fixture(scope="module")
+def forge_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    home = tmp_path_factory.mktemp("forge_home")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FORGE_HOME", str(home))
+        mp.setenv("FORGE_MLFLOW_UI_URL", UI_URL)
+        # MLflow's default artifact root for a SQLite store is ./mlruns: keep it out of the repo
+        mp.chdir(home)
+        yield home
+
+
+@pytest.fixture(scope="module")
+def airflow_db(forge_env: Path) -> None:
+    from airflow.models.pool import Pool
+    from airflow.utils import db
+
+    db.initdb()
+    # what `airflow pools set gpu 1 ...` does in a deployment: GPU tasks wait for a slot
+    Pool.create_or_update_pool("gpu", slots=1, description="GPUs of this worker", include_deferred=False)
+
+
+@pytest.fixture(scope="module")
+def pipeline_run(airflow_db: None) -> dict[str, Any]:
+    from airflow.dag_processing.dagbag import DagBag
+
+    from tests.conftest import TINY_OVERRIDES
+
+    bag = DagBag(dag_folder=str(REPO / "dags"))
+    assert bag.import_errors == {}
+    dag = bag.dags["forge_pipeline"]
+    started = time.time()
+    dag_run = dag.test(run_conf={"profile": "demo", "overrides": copy.deepcopy(TINY_OVERRIDES)})
+    return {"dag": dag, "dag_run": dag_run, "seconds": time.time() - started}
+
+
+def _states(dag_run: Any) -> dict[str, str]:
+    from airflow.models.dagrun import DagRun
+    from airflow.utils.session import create_session
+
+    with create_session() as session:
+        dr = session.query(DagRun).filter_by(dag_id=dag_run.dag_id, run_id=dag_run.run_id).one()
+        return {ti.task_id: str(ti.state) for ti in dr.get_task_instances(session=session)}
+
+
+def _xcom(dag_run: Any, task_id: str, key: str) -> Any:
+    from airflow.models.xcom import XComModel
+    from airflow.utils.session import create_session
+
+    with create_session() as session:
+        query = XComModel.get_many(run_id=dag_run.run_id, key=key, dag_ids=dag_run.dag_id, task_ids=task_id)
+        row = session.scalars(query).first()
+        return XComModel.deserialize_value(row) if row is not None else None
+
+
+def test_every_task_succeeds_except_the_skipped_0b(pipeline_run: dict[str, Any]) -> None:
+    from forge.phases import PHASES
+
+    states = _states(pipeline_run["dag_run"])
+    expected = {f"{p.group}.{p.task_id}": "success" for p in PHASES}
+    expected["phase0_vocab.0b_vocab_trim"] = "skipped"
+    assert states == expected, f"task states after {pipeline_run['seconds']:.0f}s: {states}"
+    assert str(pipeline_run["dag_run"].state) == "success"
+
+
+def test_ledger_has_a_row_per_phase_and_0b_states_the_plan_reason(pipeline_run: dict[str, Any]) -> None:
+    from forge.config import load_config
+    from forge.ledger import read_rows
+    from forge.phases import PHASES
+    from forge.runner import make_store
+
+    cfg = load_config(profile="demo")
+    rows = {r["phase"]: r for r in read_rows(make_store(cfg), pipeline_run["dag_run"].run_id)}
+    assert list(rows) == [p.id for p in PHASES]
+    assert rows["0B"]["status"] == "skipped"
+    assert rows["0B"]["notes"] == cfg.vocab.trim_skip_reason
+    assert all(r["status"] == "complete" for pid, r in rows.items() if pid != "0B")
+
+
+def test_mlflow_has_parent_nested_runs_and_a_challenger(pipeline_run: dict[str, Any]) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from forge.config import load_config
+    from forge.phases import PHASES
+
+    cfg = load_config(profile="demo")
+    run_id = pipeline_run["dag_run"].run_id
+    client = MlflowClient(tracking_uri=cfg.tracking.tracking_uri, registry_uri=cfg.tracking.tracking_uri)
+    exp = client.get_experiment_by_name(cfg.tracking.experiment)
+    runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`forge.run_id` = '{run_id}'")
+    parents = [r for r in runs if r.data.tags.get("forge.kind") == "pipeline"]
+    nested = [r for r in runs if r.data.tags.get("forge.kind") == "phase"]
+    assert len(parents) == 1
+    assert sorted(r.data.tags["forge.phase"] for r in nested) == sorted(p.id for p in PHASES)
+    assert all(r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for r in nested)
+    skipped = next(r for r in nested if r.data.tags["forge.phase"] == "0B")
+    assert skipped.data.tags["forge.status"] == "skipped"
+
+    version = client.get_model_version_by_alias(cfg.tracking.registered_model, "challenger")
+    assert version.tags.get("forge.run_id") == run_id
+    assert version.run_id in {r.info.run_id for r in nested}
+
+
+def test_tasks_push_summary_and_mlflow_link(pipeline_run: dict[str, Any]) -> None:
+    dag_run = pipeline_run["dag_run"]
+    summary = _xcom(dag_run, "phase1_base.1a_base_qlora", "return_value")
+    assert summary["phase"] == "1A" and summary["status"] == "complete"
+    assert summary["mlflow_url"].startswith(f"{UI_URL}/#/experiments/")
+    assert summary["mlflow_url"].endswith(f"/runs/{summary['mlflow_run_id']}")
+    # Airflow 3 computes extra links on the worker and keeps them in XCom for the UI
+    assert _xcom(dag_run, "phase1_base.1a_base_qlora", "_link_MlflowRunLink") == summary["mlflow_url"]
+    assert _xcom(dag_run, "phase0_vocab.0b_vocab_trim", "return_value") is None
+    # the skipped task still links to its MLflow run, which holds the skip reason
+    skipped_link = _xcom(dag_run, "phase0_vocab.0b_vocab_trim", "_link_MlflowRunLink")
+    assert skipped_link.startswith(f"{UI_URL}/#/experiments/") and skipped_link != summary["mlflow_url"]
+
+
+def test_whole_run_is_quick_on_the_demo(pipeline_run: dict[str, Any]) -> None:
+    # a few minutes at most on 2 CPU cores (shared machine: generous bound)
+    assert pipeline_run["seconds"] < 600, pipeline_run["seconds"]
+    assert os.environ["FORGE_HOME"]  # still our temp home
