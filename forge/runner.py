@@ -160,6 +160,8 @@ def run_phase(
                 mlrun.finish()
             return m
 
+        # a drill fault fires before the cache lookup: the first attempt fails even if cached
+        _maybe_fault(store, cfg, run_id, phase.id)
         cached = None
         if cfg.cache.enabled and phase.id not in cfg.cache.force:
             cached = store.find_cached(phase.id, key)
@@ -179,7 +181,6 @@ def run_phase(
                 mlrun.finish()
             return cached
 
-        _maybe_fault(store, cfg, run_id, phase.id)
         work = forge_home() / "work" / safe_run_id(run_id) / phase.id
         shutil.rmtree(work, ignore_errors=True)
         out_dir, work_dir = work / "out", work / "scratch"

@@ -12,8 +12,6 @@ Exit status as scripts/run_demo.py: 0 success, 1 failed, 2 could not start.
 from __future__ import annotations
 
 import argparse
-import os
-import signal
 import sys
 import time
 from pathlib import Path
@@ -29,9 +27,8 @@ from scripts.airflow_client import (  # noqa: E402
     TERMINAL_RUN_STATES,
     AirflowClient,
     ApiError,
-    MlflowClientREST,
 )
-from scripts.run_demo import DAG_ID, follow_run, print_failures, print_summary  # noqa: E402
+from scripts.run_demo import DAG_ID, follow_and_report, run_cli  # noqa: E402
 
 
 def resolve_task(task_ids: list[str], wanted: str) -> str:
@@ -74,23 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     deadline = time.monotonic() + 30  # the run leaves its terminal state once the scheduler sees it
     while client.dag_run(DAG_ID, args.run_id)["state"] in TERMINAL_RUN_STATES and time.monotonic() < deadline:
         time.sleep(1)
-    try:
-        outcome = follow_run(client, args.run_id, poll_s=args.poll)
-    except ApiError as exc:
-        print(f"rerun_task: lost track of run {args.run_id}: {exc}", file=sys.stderr)
-        return 2
-    print_summary(outcome, args.airflow_url, MlflowClientREST(args.mlflow_url), cfg)
-    if not outcome.ok:
-        print_failures(client, outcome)
-        return 1
-    return 0
+    return follow_and_report(client, args.run_id, args.airflow_url, args.mlflow_url, cfg,
+                             poll_s=args.poll, prog="rerun_task")
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
-        # die of SIGINT so a calling shell sees it and runs its own Ctrl-C handling
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
-        os.kill(os.getpid(), signal.SIGINT)
+    run_cli(main)

@@ -16,6 +16,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -220,23 +221,35 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(f"Triggered {DAG_ID} run {run_id} (profile {args.profile}); following it "
           f"(Airflow UI {args.airflow_url}, MLflow UI {args.mlflow_url})", flush=True)
+    return follow_and_report(client, run_id, args.airflow_url, args.mlflow_url, cfg,
+                             poll_s=args.poll, timeout_s=args.timeout, prog="run_demo")
+
+
+def follow_and_report(client: AirflowClient, run_id: str, airflow_url: str, mlflow_url: str,
+                      cfg: PipelineConfig, poll_s: float, timeout_s: float | None = None,
+                      prog: str = "run_demo") -> int:
+    """Follow a run to its end, print the summary (and failures): the exit status of the scripts."""
     try:
-        outcome = follow_run(client, run_id, poll_s=args.poll, timeout_s=args.timeout)
+        outcome = follow_run(client, run_id, poll_s=poll_s, timeout_s=timeout_s)
     except (ApiError, TimeoutError) as exc:
-        print(f"run_demo: lost track of run {run_id}: {exc}", file=sys.stderr)
+        print(f"{prog}: lost track of run {run_id}: {exc}", file=sys.stderr)
         return 2
-    print_summary(outcome, args.airflow_url, MlflowClientREST(args.mlflow_url), cfg)
+    print_summary(outcome, airflow_url, MlflowClientREST(mlflow_url), cfg)
     if not outcome.ok:
         print_failures(client, outcome)
         return 1
     return 0
 
 
-if __name__ == "__main__":
+def run_cli(main_fn: Callable[[], int]) -> None:
     try:
-        sys.exit(main())
+        sys.exit(main_fn())
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         # die of SIGINT so a calling shell sees it and runs its own Ctrl-C handling
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         os.kill(os.getpid(), signal.SIGINT)
+
+
+if __name__ == "__main__":
+    run_cli(main)

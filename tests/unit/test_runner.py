@@ -113,6 +113,11 @@ def test_fault_once_fails_first_attempt_only(forge_home: Path) -> None:
         run_phase("fa", c, "r", track=False)
     assert make_store(c).run_manifest("r", "fa") is None
     assert run_phase("fa", c, "r", track=False).status == "complete"
+    # a cached phase fails its drill too (the fault comes before the cache lookup)
+    with pytest.raises(InjectedFault):
+        run_phase("fa", c, "r2", track=False)
+    assert run_phase("fa", c, "r2", track=False).status == "complete"
+    assert calls("produce") == 1
 
 
 def test_checkpoints_latest_wins_and_are_cleared(forge_home: Path, tmp_path: Path) -> None:
