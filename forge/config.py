@@ -13,7 +13,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
+
+from forge.compress.lossless_config import LosslessConfig
+from forge.compress.pruning_config import PruningConfig
+from forge.config_base import Strict
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG_PATH = REPO_ROOT / "config" / "pipeline.yaml"
@@ -22,10 +26,6 @@ MVP_DOMAINS = ("general", "code", "reasoning", "automation")
 
 class ConfigError(ValueError):
     """Raised for any invalid configuration; the message names the offending field."""
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 class DemoModelConfig(Strict):
@@ -182,6 +182,8 @@ class PipelineConfig(Strict):
     domains: list[str] = list(MVP_DOMAINS)
     vocab: VocabConfig = VocabConfig()
     train: TrainConfig = TrainConfig()
+    pruning: PruningConfig = PruningConfig()
+    lossless: LosslessConfig = LosslessConfig()
     failure_analysis: FailureAnalysisConfig = FailureAnalysisConfig()
     eval: EvalConfig = EvalConfig()
     storage: StorageConfig = StorageConfig()

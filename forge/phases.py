@@ -43,6 +43,10 @@ PHASES: tuple[Phase, ...] = (
           gpu=True),
     Phase("1B", "1b_failure_analysis", "phase1_base", "Failure analysis",
           "forge.data.failure_analysis:run", ("prep_data", "1A"), ("failure_analysis", "eval")),
+    Phase("2A", "2a_structured_pruning", "phase2_compress", "Structured pruning (MLP width)",
+          "forge.compress.pruning:run", ("prep_data", "1A"), ("pruning", "eval"), gpu=True),
+    Phase("2D", "2d_lossless_compression", "phase2_compress", "Lossless compression (zstd/byte planes)",
+          "forge.compress.lossless:run", ("2A",), ("lossless",)),
 )
 
 BY_ID: dict[str, Phase] = {p.id: p for p in PHASES}

@@ -23,6 +23,9 @@ TINY_OVERRIDES = {
     "train": {"max_steps": 30, "batch_size": 4, "checkpoint_every": 10, "eval_every": 10,
               "eval_batches": 2, "log_every": 5, "max_seq_len": 128},
     "failure_analysis": {"n_clusters": 3, "embedder": "tfidf", "hardest_k": 10},
+    "pruning": {"rounds": 1, "finetune_steps_per_round": 5, "calib_samples": 8, "multiple_of": 128,
+                "batch_size": 4, "max_seq_len": 128},
+    "lossless": {"level": 3},
     "eval": {"max_new_tokens": 24, "batch_size": 8},
 }
 

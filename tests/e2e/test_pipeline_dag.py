@@ -144,3 +144,25 @@ def test_whole_run_is_quick_on_the_demo(pipeline_run: dict[str, Any]) -> None:
     # a few minutes at most on 2 CPU cores (shared machine: generous bound)
     assert pipeline_run["seconds"] < 600, pipeline_run["seconds"]
     assert os.environ["FORGE_HOME"]  # still our temp home
+
+
+def test_compression_outputs_are_smaller_and_restore_bit_exact(pipeline_run: dict[str, Any],
+                                                               tmp_path: Path) -> None:
+    import json
+
+    from forge.compress.lossless import restore
+    from forge.config import load_config
+    from forge.runner import make_store
+
+    store = make_store(load_config(profile="demo"))
+    run_id = pipeline_run["dag_run"].run_id
+    merged = store.materialize(store.run_manifest(run_id, "1A")) / "merged"
+    pruned = store.materialize(store.run_manifest(run_id, "2A"))
+    width = json.loads((merged / "config.json").read_text())["intermediate_size"]
+    pruned_width = json.loads((pruned / "config.json").read_text())["intermediate_size"]
+    assert pruned_width < width and pruned_width % 128 == 0  # TINY_OVERRIDES: multiple_of 128
+    packed = store.materialize(store.run_manifest(run_id, "2D"))
+    restored = restore(packed, tmp_path / "restored")  # checks every sha256 itself
+    assert (tmp_path / "restored" / "model.safetensors").read_bytes() == (
+        pruned / "model.safetensors").read_bytes()
+    assert len(restored) >= 3
