@@ -15,6 +15,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
+from forge.compress.awq_config import AWQConfig
 from forge.compress.lossless_config import LosslessConfig
 from forge.compress.pruning_config import PruningConfig
 from forge.config_base import Strict
@@ -183,6 +184,7 @@ class PipelineConfig(Strict):
     vocab: VocabConfig = VocabConfig()
     train: TrainConfig = TrainConfig()
     pruning: PruningConfig = PruningConfig()
+    awq: AWQConfig = AWQConfig()
     lossless: LosslessConfig = LosslessConfig()
     failure_analysis: FailureAnalysisConfig = FailureAnalysisConfig()
     eval: EvalConfig = EvalConfig()

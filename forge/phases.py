@@ -45,6 +45,8 @@ PHASES: tuple[Phase, ...] = (
           "forge.data.failure_analysis:run", ("prep_data", "1A"), ("failure_analysis", "eval")),
     Phase("2A", "2a_structured_pruning", "phase2_compress", "Structured pruning (MLP width)",
           "forge.compress.pruning:run", ("prep_data", "1A"), ("pruning", "eval"), gpu=True),
+    Phase("2B", "2b_awq_quantization", "phase2_compress", "AWQ 4-bit (llm-compressor W4A16 g128)",
+          "forge.compress.awq:run", ("prep_data", "2A"), ("awq", "eval"), gpu=True),
     Phase("2D", "2d_lossless_compression", "phase2_compress", "Lossless compression (zstd/byte planes)",
           "forge.compress.lossless:run", ("2A",), ("lossless",)),
 )

@@ -25,6 +25,7 @@ TINY_OVERRIDES = {
     "failure_analysis": {"n_clusters": 3, "embedder": "tfidf", "hardest_k": 10},
     "pruning": {"rounds": 1, "finetune_steps_per_round": 5, "calib_samples": 8, "multiple_of": 128,
                 "batch_size": 4, "max_seq_len": 128},
+    "awq": {"calib_samples": 8, "max_seq_len": 128, "n_grid": 4},
     "lossless": {"level": 3},
     "eval": {"max_new_tokens": 24, "batch_size": 8},
 }
