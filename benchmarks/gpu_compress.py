@@ -26,6 +26,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.gpu_qlora import build_random_llama  # noqa: E402  (one builder for both GPU proofs)
+
 # 1.06B: hidden and MLP widths multiples of 256, so pruning to a multiple of 256 keeps AWQ g128 valid
 FULL = {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 18, "num_attention_heads": 16,
         "num_key_value_heads": 16, "vocab_size": 32000}
@@ -50,20 +52,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if getattr(args, key) is None:
             setattr(args, key, value)
     return args
-
-
-def build_random_llama(sizes: dict[str, int], seq: int, path: Path, seed: int) -> int:
-    """A random-init Llama saved as an HF folder (bf16 weights); returns its parameter count."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(**sizes, max_position_embeddings=max(2048, seq), tie_word_embeddings=False,
-                         bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
-    n_params = sum(p.numel() for p in model.parameters())
-    model.to(torch.bfloat16).save_pretrained(path)
-    return n_params
 
 
 def random_ids(n: int, seq: int, vocab: int, seed: int) -> Any:
