@@ -278,7 +278,6 @@ def run(ctx: Any):
     for label, key in (("small", "with_dictionary"), ("small_nodict", "without_dictionary")):
         metrics[f"{label}.saved_pct"] = float(report["small_files"][key]["saved_pct"])
     metrics["total.saved_pct"] = float(report["total"]["saved_pct"])
-    ctx.log_metrics(metrics)
     best = res.best
     quality = {"saved_pct": float(report["total"]["saved_pct"]), "ratio": float(report["total"]["ratio"])}
     if best:

@@ -349,20 +349,18 @@ def run(ctx: JobContext) -> JobResult:
     tokenizer.save_pretrained(out)
     del model
 
-    log.info("evaluating the input (1A merged) and the pruned model on %d dev rows", len(dev_rows))
-    before = evaluate_ref(str(src), dev_rows, ctx.config.eval, device).summary()
+    log.info("evaluating the pruned model on %d dev rows", len(dev_rows))
     report = evaluate_ref(str(out), dev_rows, ctx.config.eval, device)
     report.to_jsonl(out / "dev_eval.jsonl")
     after = report.summary()
 
+    # "before" is 1A's ledger row: the same model on the same dev split with the same eval config
+    before = ctx.input_info("1A").get("quality", {}) or {}
     quality = {k: float(v) for k, v in after.items()}
-    quality["acc_before"] = float(before.get("acc", float("nan")))
-    quality["logprob_before"] = float(before.get("logprob", float("nan")))
-    prev_acc = ctx.input_info("1A").get("quality", {}).get("acc")
-    if prev_acc is not None and "acc" in after:
-        quality["delta_acc"] = float(after["acc"]) - float(prev_acc)  # vs the previous step's ledger row
-    if "logprob" in after and "logprob" in before:
-        quality["delta_logprob"] = float(after["logprob"]) - float(before["logprob"])
+    for key in ("acc", "logprob"):
+        if key in after and before.get(key) is not None:
+            quality[f"{key}_before"] = float(before[key])
+            quality[f"delta_{key}"] = float(after[key]) - float(before[key])
     size_mb, size_before = dir_mb(out), dir_mb(src)
     quality.update(params_before=float(outcome.params_before), params_after=float(outcome.params_after),
                    size_mb=size_mb)

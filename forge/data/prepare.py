@@ -131,7 +131,6 @@ def run(ctx: JobContext) -> JobResult:
     metrics = {f"rows.{s}": float(n) for s, n in counts.items()}
     metrics.update({"user_rows": float(len(user_rows)), "pretrain_chars": float(len(corpus)),
                     "reference_checked": float(checked)})
-    ctx.log_metrics(metrics)
     notes = f"{len(cfg.domains)} domains, seed {seed}: " + ", ".join(f"{s} {n}" for s, n in counts.items())
     if user_rows:
         notes += f"; {len(user_rows)} rows from {len(dataset_summaries)} user dataset(s)"

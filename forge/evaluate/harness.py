@@ -7,7 +7,6 @@ torch/transformers are imported inside functions: importing this module is cheap
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections import defaultdict
@@ -17,7 +16,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from forge.config import EvalConfig
-from forge.data.records import DataError, prompt_messages, reference
+from forge.data.records import DataError, prompt_messages, reference, write_jsonl
 
 log = logging.getLogger("forge.evaluate")
 
@@ -64,12 +63,8 @@ class EvalReport:
         return [r for r in self.records if not r["correct"]]
 
     def to_jsonl(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "w") as f:
-            for r in self.records:
-                f.write(json.dumps(r, ensure_ascii=False) + "\n")
-        return path
+        write_jsonl(path, self.records)
+        return Path(path)
 
     def to_markdown(self) -> str:
         """One line per domain plus the total: the table a person reads in a report or the ledger."""

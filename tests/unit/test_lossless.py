@@ -175,7 +175,8 @@ def test_job_compresses_measures_and_restores(tmp_path: Path) -> None:
     assert set(result.quality) >= {"saved_pct", "ratio", "scheme"}
     assert result.quality["scheme"] == float(list(KNOWN_SCHEMES).index(best))
     assert 0 < result.quality["saved_pct"] < 100 and result.quality["ratio"] > 1
-    assert f"{best}.ratio" in result.metrics and ctx.metrics == result.metrics
+    assert f"{best}.ratio" in result.metrics
+    assert ctx.metrics == {}  # the runner logs JobResult.metrics; the job does not log them twice
     assert not list(ctx.out_dir.rglob("*.safetensors"))  # only compressed blobs are stored
 
     restored = lossless.restore(ctx.out_dir, tmp_path / "restored")

@@ -185,7 +185,7 @@ class FakeContext:
         return self.dirs[phase_id]
 
     def input_info(self, phase_id: str) -> dict:
-        return {"quality": {"acc": 0.5}} if phase_id == "1A" else {}
+        return {"quality": {"acc": 0.5, "logprob": -2.0}} if phase_id == "1A" else {}
 
     def log_metrics(self, metrics: dict, step: int | None = None) -> None:
         self.logged.append((metrics, step))
@@ -207,6 +207,7 @@ def test_run_writes_a_loadable_smaller_model_and_quality(tiny: Path, tmp_path: P
     q = result.quality
     assert q["params_after"] < q["params_before"] and 0 < q["size_mb"]
     assert q["delta_acc"] == pytest.approx(q["acc"] - 0.5)
+    assert q["delta_logprob"] == pytest.approx(q["logprob"] + 2.0)
     assert {"acc", "logprob", "acc_before", "logprob_before"} <= set(q)
     assert result.metrics["size_mb_after"] < result.metrics["size_mb_before"]
     assert [step for _, step in ctx.logged] == [1, 2]

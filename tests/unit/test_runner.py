@@ -152,5 +152,8 @@ def test_tracking_parent_nested_runs_and_registry(forge_home: Path) -> None:
     assert all(r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for r in nested)
     assert sorted(r.data.tags["forge.status"] for r in nested) == ["cache_hit", "complete", "complete"]
     assert "data.seed" in nested[0].data.params
+    produced = next(r for r in nested if r.data.tags["forge.phase"] == "fa")
+    n = c.data.seed % 50  # JobResult.metrics and quality reach the nested run (logged by the runner)
+    assert produced.data.metrics["n"] == n and produced.data.metrics["quality.n"] == n
     mv = client.get_model_version_by_alias(c.tracking.registered_model, "challenger")
     assert mv.source.endswith("/runs/tracked/fb/sum.txt")
