@@ -14,8 +14,9 @@ pytest.importorskip("llmcompressor")
 
 from forge.compress import awq  # noqa: E402
 from forge.compress.awq_config import AWQConfig  # noqa: E402
-from forge.config import DemoModelConfig, EvalConfig  # noqa: E402
+from forge.config import EvalConfig  # noqa: E402
 from forge.data.records import write_jsonl  # noqa: E402
+from tests.tiny_model import save_tiny_model  # noqa: E402
 from tests.unit.test_pruning import make_rows  # noqa: E402
 
 CFG = AWQConfig(calib_samples=8, max_seq_len=64, n_grid=4, device="cpu")
@@ -23,15 +24,8 @@ CFG = AWQConfig(calib_samples=8, max_seq_len=64, n_grid=4, device="cpu")
 
 def build(path: Path) -> Path:
     """A 2A-shaped model: hidden 256, MLP 256 (multiples of 128), 2 layers, vocab 512."""
-    from forge.train.base_model import build_model, train_tokenizer
-
     texts = [m["content"] for r in make_rows(40) for m in r["messages"]]
-    tok = train_tokenizer(texts, vocab_size=512, max_length=256)
-    demo = DemoModelConfig(hidden_size=256, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                           num_key_value_heads=4, vocab_size=512, max_position_embeddings=128)
-    build_model(demo, tok, seed=0).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
+    return save_tiny_model(path, texts, vocab_size=512, max_position_embeddings=128)
 
 
 @pytest.fixture(scope="module")

@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from forge.config import DemoModelConfig, EvalConfig
+from forge.config import EvalConfig
 from forge.data.records import DataError, prompt_messages, reference
 from forge.data.suites import generate
 from forge.evaluate.harness import RECORD_FIELDS, EvalReport, HFBackend, evaluate, run_eval
+from tests.tiny_model import tiny_model
 
 DOMAINS = ("general", "code", "reasoning", "automation")
 CFG = EvalConfig(max_new_tokens=48, batch_size=3, code_timeout_s=5.0)
@@ -91,14 +92,9 @@ def overfit(rows: list[dict]):
     """A 2-layer Llama that memorized four chat rows (one per domain)."""
     import torch
 
-    from forge.train.base_model import build_model, train_tokenizer
-
     few = [rows[0], rows[2], rows[4], rows[6]]
     texts = [m["content"] for r in rows for m in r["messages"]]
-    tok = train_tokenizer(texts * 5, vocab_size=400, max_length=256)
-    demo = DemoModelConfig(hidden_size=256, intermediate_size=256, num_hidden_layers=2,
-                           vocab_size=400, max_position_embeddings=256)
-    model = build_model(demo, tok, seed=0)
+    model, tok = tiny_model(texts * 5, vocab_size=400)
     chats = [tok.apply_chat_template(r["messages"], tokenize=False) for r in few]
     tok.padding_side = "right"
     enc = tok(chats, return_tensors="pt", padding=True, add_special_tokens=False)

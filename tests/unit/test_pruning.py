@@ -12,9 +12,10 @@ torch = pytest.importorskip("torch")
 
 from forge.compress import pruning as pr  # noqa: E402
 from forge.compress.pruning_config import PruningConfig  # noqa: E402
-from forge.config import DemoModelConfig, EvalConfig  # noqa: E402
+from forge.config import EvalConfig  # noqa: E402
 from forge.data.records import write_jsonl  # noqa: E402
 from forge.train import qlora_trainer as qt  # noqa: E402
+from tests.tiny_model import save_tiny_model  # noqa: E402
 
 HIDDEN, INTER, LAYERS = 256, 768, 2
 
@@ -31,16 +32,9 @@ def make_rows(n: int, prefix: str = "r") -> list[dict]:
 
 
 def build(path: Path, kv_heads: int = 4) -> Path:
-    from forge.train.base_model import build_model, train_tokenizer
-
     texts = [m["content"] for r in make_rows(40) for m in r["messages"]]
-    tok = train_tokenizer(texts, vocab_size=512, max_length=256)
-    demo = DemoModelConfig(hidden_size=HIDDEN, intermediate_size=INTER, num_hidden_layers=LAYERS,
-                           num_attention_heads=4, num_key_value_heads=kv_heads, vocab_size=512,
-                           max_position_embeddings=128)
-    build_model(demo, tok, seed=0).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
+    return save_tiny_model(path, texts, vocab_size=512, intermediate_size=INTER, num_hidden_layers=LAYERS,
+                           hidden_size=HIDDEN, num_key_value_heads=kv_heads, max_position_embeddings=128)
 
 
 @pytest.fixture(scope="module")

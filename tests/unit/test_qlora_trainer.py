@@ -10,7 +10,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("peft")
 
-from forge.config import DemoModelConfig, TrainConfig  # noqa: E402
+from forge.config import TrainConfig  # noqa: E402
 from forge.data.records import DataError  # noqa: E402
 from forge.train import qlora_trainer as qt  # noqa: E402
 from forge.train.qlora_config import (  # noqa: E402
@@ -19,6 +19,7 @@ from forge.train.qlora_config import (  # noqa: E402
     resolve_quantization,
     resolve_setup,
 )
+from tests.tiny_model import save_tiny_model  # noqa: E402
 
 CPU = QLoRASetup(device="cpu", quantization="none", autocast_dtype=None)
 
@@ -39,17 +40,8 @@ def make_rows(n: int = 12) -> list[dict]:
 @pytest.fixture(scope="module")
 def tiny_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random Llama + the demo chat tokenizer, saved as an HF folder."""
-    from forge.train.base_model import build_model, train_tokenizer
-
     texts = [m["content"] for r in make_rows(40) for m in r["messages"]] + ["plus minus times"] * 5
-    tok = train_tokenizer(texts, vocab_size=320, max_length=256)
-    demo = DemoModelConfig(hidden_size=256, intermediate_size=256, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=4, vocab_size=320,
-                           max_position_embeddings=256)
-    path = tmp_path_factory.mktemp("tiny_base")
-    build_model(demo, tok, seed=0).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
+    return save_tiny_model(tmp_path_factory.mktemp("tiny_base"), texts, vocab_size=320)
 
 
 @pytest.fixture(scope="module")
