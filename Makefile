@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 VENV := .venv
 .DEFAULT_GOAL := help
-.PHONY: help setup run test stop status bench lint
+.PHONY: help setup run test stop status bench bench-compress lint
 
 help:
 	@echo "make run [ONCE=1] [CONF='{json}']  start the stack, run the demo pipeline, keep the UIs up until Ctrl-C"
@@ -10,6 +10,7 @@ help:
 	@echo "make test                          the whole test suite (pytest)"
 	@echo "make stop | status                 stop the stack / show what runs"
 	@echo "make bench                         end-to-end demo benchmark (wall, job and Airflow overhead, memory)"
+	@echo "make bench-compress                phase 2 per step: bytes in/out, time, peak RAM, quality delta"
 	@echo "make lint                          ruff"
 	@echo "make setup                         .venv from requirements.txt (only when it changed)"
 
@@ -32,6 +33,9 @@ status:
 
 bench: setup
 	@$(VENV)/bin/python benchmarks/demo_e2e.py $(BENCH_ARGS)
+
+bench-compress: setup
+	@$(VENV)/bin/python benchmarks/compression.py $(BENCH_ARGS)
 
 lint: setup
 	@$(VENV)/bin/ruff check .

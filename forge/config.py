@@ -16,9 +16,12 @@ import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from forge.compress.awq_config import AWQConfig
+from forge.compress.calibration_config import CalibrationConfig
+from forge.compress.gguf_config import GGUFConfig
 from forge.compress.lossless_config import LosslessConfig
 from forge.compress.pruning_config import PruningConfig
 from forge.config_base import Strict
+from forge.train.recovery_config import RecoveryConfig
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG_PATH = REPO_ROOT / "config" / "pipeline.yaml"
@@ -88,6 +91,7 @@ class SuiteSizes(Strict):
     train: int = 200
     dev: int = 16
     heldout: int = 40
+    calib: int = 200  # 2F: confidence calibration (fit half, measure half); never trained on
     pretrain: int = 400
 
 
@@ -168,6 +172,8 @@ class TrackingConfig(Strict):
     artifact_location: str = "file://{forge_home}/mlflow-artifacts"
     experiment: str = "forge_pipeline"
     registered_model: str = "forge-base"
+    # 2F registers the shippable compressed base (GGUF + recovery LoRA + calibration) here
+    compressed_model: str = "forge-base-compressed"
     ui_url: str | None = None  # where humans open MLflow (used for Airflow extra links)
 
 
@@ -185,7 +191,10 @@ class PipelineConfig(Strict):
     train: TrainConfig = TrainConfig()
     pruning: PruningConfig = PruningConfig()
     awq: AWQConfig = AWQConfig()
+    gguf: GGUFConfig = GGUFConfig()
     lossless: LosslessConfig = LosslessConfig()
+    recovery: RecoveryConfig = RecoveryConfig()
+    calibration: CalibrationConfig = CalibrationConfig()
     failure_analysis: FailureAnalysisConfig = FailureAnalysisConfig()
     eval: EvalConfig = EvalConfig()
     storage: StorageConfig = StorageConfig()

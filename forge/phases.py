@@ -47,8 +47,17 @@ PHASES: tuple[Phase, ...] = (
           "forge.compress.pruning:run", ("prep_data", "1A"), ("pruning", "eval"), gpu=True),
     Phase("2B", "2b_awq_quantization", "phase2_compress", "AWQ 4-bit (llm-compressor W4A16 g128)",
           "forge.compress.awq:run", ("prep_data", "2A"), ("awq", "eval"), gpu=True),
+    # 2B and 2C are two exports of the pruned model (GPU serving / CPU serving), not a chain
+    Phase("2C", "2c_gguf_q5_k_m", "phase2_compress", "GGUF export + Q5_K_M (llama.cpp)",
+          "forge.compress.gguf_export:run", ("prep_data", "2A"), ("gguf", "eval")),
     Phase("2D", "2d_lossless_compression", "phase2_compress", "Lossless compression (zstd/byte planes)",
-          "forge.compress.lossless:run", ("2A",), ("lossless",)),
+          "forge.compress.lossless:run", ("2A", "2C"), ("lossless",)),
+    Phase("2E", "2e_recovery_lora", "phase2_compress", "Recovery LoRA on the dequantized GGUF",
+          "forge.train.recovery:run", ("prep_data", "1B", "2A", "2C"), ("recovery", "gguf", "eval"),
+          gpu=True),
+    # 1A is an input for lineage: the registered compressed base names the 1A run it came from
+    Phase("2F", "2f_confidence_calibration", "phase2_compress", "Confidence calibration (temperature, Platt)",
+          "forge.compress.calibration:run", ("prep_data", "1A", "2C", "2E"), ("calibration", "gguf", "eval")),
 )
 
 BY_ID: dict[str, Phase] = {p.id: p for p in PHASES}

@@ -42,6 +42,7 @@ class JobResult:
     notes: str = ""
     info: dict[str, Any] = field(default_factory=dict)  # small facts kept in the manifest
     register: str | None = None  # output subdir to register as a model version (challenger)
+    register_model: str | None = None  # registered model name; default tracking.registered_model
 
 
 @dataclass
@@ -99,6 +100,16 @@ def cache_key_for(phase: Phase, cfg: PipelineConfig, inputs: dict[str, Manifest]
         "inputs": {p: m.cache_key for p, m in sorted(inputs.items())},
         "code": code_version(),
     })
+
+
+def lineage_tags(inputs: dict[str, Manifest]) -> dict[str, str]:
+    """Model-version tags naming the MLflow run and cache key of every input phase."""
+    tags: dict[str, str] = {}
+    for p, m in sorted(inputs.items()):
+        if m.mlflow_run_id:
+            tags[f"forge.lineage.{p}.mlflow_run_id"] = m.mlflow_run_id
+        tags[f"forge.lineage.{p}.cache_key"] = m.cache_key
+    return tags
 
 
 def _load_job(spec: str):
@@ -202,12 +213,13 @@ def run_phase(
         store.clear_checkpoints(phase.id, key)  # the finished output supersedes them
         shutil.rmtree(work, ignore_errors=True)
         notes = result.notes
-        if tracker and mlrun and result.register:
-            version = tracker.register_model(
-                cfg.tracking.registered_model, f"{manifest.base_uri}/{result.register}", mlrun.id,
-                tags={"forge.phase": phase.id, "forge.run_id": run_id, "forge.cache_key": key},
-            )
-            notes = f"{notes}; registered {cfg.tracking.registered_model} v{version} @challenger".strip("; ")
+        if tracker and mlrun and result.register is not None:
+            name = result.register_model or cfg.tracking.registered_model
+            source = f"{manifest.base_uri}/{result.register}" if result.register else manifest.base_uri
+            version = tracker.register_model(name, source, mlrun.id,
+                                             tags={"forge.phase": phase.id, "forge.run_id": run_id,
+                                                   "forge.cache_key": key, **lineage_tags(inputs)})
+            notes = f"{notes}; registered {name} v{version} @challenger".strip("; ")
         write_row(store, run_id, {**base_row, "status": "complete", "cached": False,
                                   "seconds": time.time() - started, "job_seconds": job_seconds,
                                   "output_bytes": manifest.total_bytes, "quality": result.quality,

@@ -20,8 +20,11 @@ fi
 want="$(sha256sum "$REPO/requirements.txt" | cut -d' ' -f1)"
 have="$(cat "$STAMP" 2>/dev/null || true)"
 if [[ "$want" != "$have" ]]; then
-  echo "setup: installing requirements.txt into .venv (first time: a few minutes)"
+  echo "setup: installing requirements.txt into .venv (first time: a few minutes, plus ~12 min to compile"
+  echo "       llama-cpp-python on 2 cores; pip caches the wheel, later installs take seconds)"
   started=$SECONDS
+  # llama.cpp's multimodal (llava) library is not used: skip compiling it
+  export CMAKE_ARGS="${CMAKE_ARGS:-} -DLLAVA_BUILD=OFF"
   quiet_pip install --disable-pip-version-check -q -r "$REPO/requirements.txt"
   echo "setup: installed in $((SECONDS - started)) s"
   quiet_pip check --disable-pip-version-check
@@ -29,3 +32,7 @@ if [[ "$want" != "$have" ]]; then
 else
   echo "setup: .venv is up to date with requirements.txt"
 fi
+
+# llama.cpp's converters (from the pinned llama-cpp-python sdist) and their gguf-py: once per version,
+# silent when already there
+(cd "$REPO" && "$VENV/bin/python" -m forge.compress.llama_cpp_tools install)

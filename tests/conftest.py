@@ -19,7 +19,7 @@ TINY_OVERRIDES = {
     "model": {"demo": {"hidden_size": 256, "intermediate_size": 256, "num_hidden_layers": 2,
                        "vocab_size": 512, "pretrain_steps": 40, "pretrain_batch_size": 8,
                        "pretrain_seq_len": 128}},
-    "data": {"suites": {"train": 60, "dev": 8, "heldout": 24, "pretrain": 100}},
+    "data": {"suites": {"train": 60, "dev": 8, "heldout": 24, "calib": 32, "pretrain": 100}},
     "train": {"max_steps": 30, "batch_size": 4, "checkpoint_every": 10, "eval_every": 10,
               "eval_batches": 2, "log_every": 5, "max_seq_len": 128},
     "failure_analysis": {"n_clusters": 3, "embedder": "tfidf", "hardest_k": 10},
@@ -27,6 +27,9 @@ TINY_OVERRIDES = {
                 "batch_size": 4, "max_seq_len": 128},
     "awq": {"calib_samples": 8, "max_seq_len": 128, "n_grid": 4},
     "lossless": {"level": 3},
+    "gguf": {"n_ctx": 512},
+    "recovery": {"max_steps": 20, "batch_size": 4, "train_rows": 24, "max_seq_len": 128, "eval_every": 10,
+                 "eval_batches": 2, "checkpoint_every": 10, "log_every": 5, "learning_rate": 1e-3},
     "eval": {"max_new_tokens": 24, "batch_size": 8},
 }
 

@@ -222,7 +222,7 @@ def run(ctx: JobContext) -> JobResult:
 
     awq_report = {"config": cfg.model_dump(mode="json"), "quantization_config": qcfg,
                   "calib_samples": outcome.calib_samples, "calib_tokens": outcome.calib_tokens,
-                  "seconds": outcome.seconds, "pin_guard": outcome.pin_guard, "params": params,
+                  "pin_guard": outcome.pin_guard, "params": params,  # seconds: a metric, not in the file
                   "reload": reload, "size_mb_before": size_before, "size_mb_after": size_mb,
                   "after": after, "before": prev}
     report_path = out / "awq_report.json"  # beside the model files: from_pretrained ignores it

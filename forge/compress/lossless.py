@@ -1,6 +1,7 @@
-"""Phase 2D: lossless compression of the merged model folder, measured and verified.
+"""Phase 2D: lossless compression of what ships, measured and verified: 2A's pruned HF model (the
+GPU/vLLM path's source) and 2C's GGUF (the CPU path), side by side under `pruned/` and `gguf/`.
 
-Weights (*.safetensors) are compressed with every configured scheme (plain zstd, byte planes +
+Weights (*.safetensors, *.gguf) are compressed with every configured scheme (plain zstd, byte planes +
 zstd, zipnn); each is timed on one thread and checked bit-exact, and the best ratio is stored.
 Small files (configs, tokenizer, chat template) share a zstd dictionary trained on them.
 The output folder is self-describing (index.json) and `restore` rebuilds the exact originals.
@@ -86,8 +87,33 @@ class FolderResult:
     files: list[StoredFile] = field(default_factory=list)
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".gguf")
+# the folders 2D packs: name in the output -> the phase whose output it is
+SOURCES = {"pruned": "2A", "gguf": "2C"}
+
+
 def is_weight_file(path: Path) -> bool:
-    return path.suffix == ".safetensors"
+    return path.suffix in WEIGHT_SUFFIXES
+
+
+def gather_sources(folders: dict[str, Path], dest: Path) -> Path:
+    """One folder holding each source under its name (hard links: no copy of multi-GB weights).
+    A local store's run folder also holds its manifest.json, the store's record of that run (run id,
+    URIs, times): no part of the phase's output (a job may not write one), so it is left out."""
+    import os
+
+    from forge.artifacts import MANIFEST
+
+    shutil.rmtree(dest, ignore_errors=True)
+    for name, folder in folders.items():
+        for p in sorted(q for q in folder.rglob("*") if q.is_file() and q != folder / MANIFEST):
+            target = dest / name / p.relative_to(folder)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(p, target)
+            except OSError:  # another filesystem (or no hard links there): copy instead
+                shutil.copy2(p, target)
+    return dest
 
 
 def sha256_file(path: Path) -> str:
@@ -238,6 +264,12 @@ def verify_restore(src_model: Path, compressed: Path, scratch: Path) -> int:
     return len(originals)
 
 
+def per_file(res: FolderResult) -> list[dict[str, Any]]:
+    """What each stored file became: size before/after and the codec that stored it."""
+    return [{"path": f.path, "codec": f.codec, "bytes_in": f.size, "bytes_out": f.stored_size,
+             "saved_pct": round(100 * (1 - f.stored_size / f.size), 3) if f.size else 0.0} for f in res.files]
+
+
 def build_report(res: FolderResult, cfg: LosslessConfig) -> dict[str, Any]:
     stored_in = sum(f.size for f in res.files)
     stored_out = sum(f.stored_size for f in res.files) + res.dictionary_bytes
@@ -254,21 +286,32 @@ def build_report(res: FolderResult, cfg: LosslessConfig) -> dict[str, Any]:
     }
 
 
-def run(ctx: Any):
-    """Job of phase 2D: the pruned model (2A) -> compressed files, dictionary and report in ctx.out_dir.
+def without_throughputs(report: Any) -> Any:
+    """The report minus its MB/s figures (they differ between two runs of the same inputs)."""
+    if isinstance(report, dict):
+        return {k: without_throughputs(v) for k, v in report.items() if not k.endswith("_mbps")}
+    if isinstance(report, list):
+        return [without_throughputs(v) for v in report]
+    return report
 
-    2C (GGUF) is not built yet; when it is, its Q5_K_M file joins what 2D compresses."""
+
+def run(ctx: Any):
+    """Job of 2D: 2A's pruned model + 2C's GGUF -> compressed files, dictionary, report in ctx.out_dir."""
     from forge.runner import JobResult
 
     cfg: LosslessConfig = ctx.config.lossless
-    model_dir = ctx.input_dir("2A")
-    if not any(model_dir.glob("*.safetensors")):
-        raise FileNotFoundError(f"phase 2A output has no safetensors model at {model_dir}")
+    folders = {name: ctx.input_dir(phase) for name, phase in SOURCES.items()}
+    for name, suffix in (("pruned", ".safetensors"), ("gguf", ".gguf")):
+        if not any(folders[name].glob(f"*{suffix}")):
+            raise FileNotFoundError(f"phase {SOURCES[name]} output has no {suffix} model at {folders[name]}")
+    model_dir = gather_sources(folders, ctx.work_dir / "sources")
     res = compress_folder(model_dir, ctx.out_dir, cfg, ctx.work_dir / "candidates")
     checked = verify_restore(model_dir, ctx.out_dir, ctx.work_dir / "restored")  # before we return success
     report = build_report(res, cfg)
     report["verified_files"] = checked
-    (ctx.out_dir / REPORT).write_text(json.dumps(report, indent=2))
+    report["per_file"] = per_file(res)
+    # throughputs are wall-clock measurements: metrics only, so a re-run writes the same report bytes
+    (ctx.out_dir / REPORT).write_text(json.dumps(without_throughputs(report), indent=2))
     ctx.log_artifact(ctx.out_dir / REPORT)
 
     metrics: dict[str, float] = {}

@@ -304,6 +304,12 @@ def dir_mb(path: Path, suffix: str = ".safetensors") -> float:
     return sum(f.stat().st_size for f in path.rglob(f"*{suffix}")) / 1e6
 
 
+def round_record(entry: RoundLog) -> dict[str, Any]:
+    """A round as the committed report keeps it: without its wall-clock seconds (a metric), so a re-run
+    writes the same bytes."""
+    return {k: v for k, v in asdict(entry).items() if k != "seconds"}
+
+
 def run(ctx: JobContext) -> JobResult:
     import torch
 
@@ -367,7 +373,8 @@ def run(ctx: JobContext) -> JobResult:
 
     final = outcome.rounds[-1]
     pruned_frac = 1.0 - outcome.params_after / outcome.params_before
-    prune_report = {"config": cfg.model_dump(mode="json"), "rounds": [asdict(r) for r in outcome.rounds],
+    prune_report = {"config": cfg.model_dump(mode="json"),
+                    "rounds": [round_record(r) for r in outcome.rounds],
                     "params_before": outcome.params_before, "params_after": outcome.params_after,
                     "eval_loss_before": outcome.eval_loss_before, "before": before, "after": after,
                     "size_mb_before": size_before, "size_mb_after": size_mb}

@@ -1,7 +1,7 @@
 """prep_data: the run's datasets. Generated task suites per domain and split, plus the user's
 datasets (mostly train, a deterministic ~5% held out), written as JSONL + a pretraining corpus.
 
-Outputs (in the phase's dir): train.jsonl, dev.jsonl, heldout.jsonl (rows with a `check`),
+Outputs (in the phase's dir): train.jsonl, dev.jsonl, heldout.jsonl, calib.jsonl (rows with a `check`),
 pretrain.txt (plain "prompt\\nanswer\\n\\n" text, no chat tokens), stats.json.
 """
 
@@ -19,8 +19,8 @@ from forge.runner import JobContext, JobResult
 
 log = logging.getLogger("forge.data")
 
-SPLITS = ("train", "dev", "heldout", "pretrain")
-EVAL_SPLITS = ("train", "dev", "heldout")
+SPLITS = ("train", "dev", "heldout", "calib", "pretrain")
+EVAL_SPLITS = ("train", "dev", "heldout", "calib")
 USER_HELDOUT_PERCENT = 5
 # References are verified against their own checker on a sample: a failure means a broken suite
 # or a user dataset whose check does not accept its own answer, and must not reach evaluation.

@@ -34,6 +34,12 @@ class Backend(Protocol):
         """Mean per-token log-prob of each answer (followed by end-of-turn) after its prompt."""
         ...
 
+    def answer_logprobs_at(self, prompts: list[str], answers: list[str],
+                           temperatures: Sequence[float]) -> list[list[float]]:
+        """Like answer_logprobs, with the logits divided by each temperature before the softmax:
+        one row per answer, one column per temperature (2F's temperature scaling searches them)."""
+        ...
+
 
 @dataclass
 class EvalReport:
@@ -184,12 +190,22 @@ class HFBackend:
         return p_ids, a_ids
 
     def answer_logprobs(self, prompts: list[str], answers: list[str]) -> list[float]:
-        """Teacher-forced: prompt + answer + EOS, left-padded so only the answer tail needs logits."""
+        """Teacher-forced mean token log-prob of answer + EOS: answer_logprobs_at at T=1 (one code path)."""
+        return [row[0] for row in self.answer_logprobs_at(prompts, answers, [1.0])]
+
+    def answer_logprobs_at(self, prompts: list[str], answers: list[str],
+                           temperatures: Sequence[float]) -> list[list[float]]:
+        """Teacher-forced: prompt + answer + EOS, left-padded so only the answer tail needs logits.
+        One forward pass per batch; each temperature T re-normalises its logits: log_softmax(logits / T)."""
         import torch
 
+        temps = [float(t) for t in temperatures]
+        if not temps or any(not t > 0 for t in temps):
+            raise ValueError(f"answer_logprobs_at: temperatures must be a non-empty list of values > 0, "
+                             f"got {temps}")
         tok = self.tokenizer
         eos = tok.eos_token_id
-        result: list[float] = []
+        result: list[list[float]] = []
         for p_chunk, a_chunk in zip(_chunks(prompts, self.batch_size), _chunks(answers, self.batch_size),
                                     strict=True):
             p_ids, a_ids = self._prompt_answer_ids(p_chunk, a_chunk)
@@ -210,12 +226,13 @@ class HFBackend:
             keep = min(max(len(a) for a in a_ids) + 1, width)
             with torch.no_grad():
                 logits = self.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
-                                    logits_to_keep=keep).logits[:, -keep:].float()
-            logp = torch.log_softmax(logits[:, :-1], dim=-1)  # position t predicts token t+1
-            targets = input_ids[:, -(keep - 1):]
-            token_lp = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-            for i, a in enumerate(a_ids):
-                result.append(token_lp[i, -len(a):].mean().item())
+                                    logits_to_keep=keep).logits[:, -keep:-1].float()  # t predicts t+1
+            targets = input_ids[:, -(keep - 1):].unsqueeze(-1)
+            per_temp = []
+            for t in temps:
+                token_lp = torch.log_softmax(logits / t, dim=-1).gather(-1, targets).squeeze(-1)
+                per_temp.append([token_lp[i, -len(a):].mean().item() for i, a in enumerate(a_ids)])
+            result += [list(row) for row in zip(*per_temp, strict=True)]
         return result
 
 

@@ -41,6 +41,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("forge.train")
 
 IGNORE = -100  # label of a token the loss does not count (prompt, padding)
+# Wall-clock fields of a training-log entry: MLflow gets them, committed files do not. An output is a
+# function of its inputs, params and code, so a recovered or re-run phase writes the same bytes.
+TIMING_KEYS = ("seconds", "tokens_per_s", "peak_mem_gb")
 Example = dict[str, list[int]]  # {"input_ids": [...], "labels": [...]}
 Batch = dict[str, "torch.Tensor"]  # input_ids, attention_mask, labels: [batch, seq]
 
@@ -408,22 +411,29 @@ def merge_adapter(base_ref: str, adapter_dir: Path, out_dir: Path, tokenizer: An
     merged.generation_config.save_pretrained(out_dir)
 
 
-def plot_losses(history: list[dict[str, float]], path: Path) -> None:
+def plot_losses(history: list[dict[str, float]], path: Path, title: str = "1A base QLoRA",
+                train_label: str = "train loss", dev_label: str = "eval loss (dev)",
+                dev_start: float | None = None, reference: tuple[str, float] | None = None) -> None:
+    """Train and dev loss per optimizer step; dev_start plots the dev loss before step 1, reference a
+    horizontal (label, loss) line to compare against."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     train = [(e["step"], e["loss"]) for e in history if "loss" in e]
-    dev = [(e["step"], e["eval_loss"]) for e in history if "eval_loss" in e]
+    dev = ([(0, dev_start)] if dev_start is not None else []) + [
+        (e["step"], e["eval_loss"]) for e in history if "eval_loss" in e]
     fig, ax = plt.subplots(figsize=(7, 4))
     if train:
-        ax.plot(*zip(*train, strict=True), label="train loss")
+        ax.plot(*zip(*train, strict=True), label=train_label)
     if dev:
-        ax.plot(*zip(*dev, strict=True), marker="o", label="eval loss (dev)")
+        ax.plot(*zip(*dev, strict=True), marker="o", label=dev_label)
+    if reference:
+        ax.axhline(reference[1], color="gray", linestyle="--", label=reference[0])
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("cross-entropy per answer token")
-    ax.set_title("1A base QLoRA")
+    ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -475,10 +485,67 @@ class TrainOutcome:
     peak_mem_gb: float | None  # CUDA only
 
 
+def committed_history(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The training log as committed with the outputs: without its wall-clock fields."""
+    return [{k: v for k, v in entry.items() if k not in TIMING_KEYS} for entry in history]
+
+
+def base_name(phase_id: str, ref: str) -> str:
+    """What a saved adapter names as its base: a hub id as is, an upstream phase's output by the phase (the
+    manifest's inputs hold its cache key). Its local path would name the run that produced it, so a
+    recovered and a fresh run would write different bytes."""
+    return ref if not Path(ref).exists() else f"forge:{phase_id}"
+
+
+def save_adapter(model: Any, adapter_dir: Path, base: str) -> None:
+    """peft's save_pretrained, naming `base` as the base model in adapter_config.json and in the model
+    card (peft takes the card's from the base model's config; llama.cpp's LoRA converter reads the card)."""
+    for peft_cfg in model.peft_config.values():
+        peft_cfg.base_model_name_or_path = base
+    model.get_base_model().config.name_or_path = base
+    model.get_base_model().name_or_path = base  # the card's "base_model:adapter:..." tag
+    model.save_pretrained(adapter_dir)
+
+
+def resume_state(ctx: JobContext, model: Any, optimizer: Any, scheduler: Any) -> LoopState:
+    """The loop state to start from: the phase's latest checkpoint (model, optimizer, scheduler and
+    data position restored into the given objects), or a fresh state."""
+    latest = ctx.latest_checkpoint()
+    if latest is None:
+        return LoopState()
+    state = load_training_state(latest[1], model, optimizer, scheduler)
+    log.info("resumed from checkpoint at step %d (epoch %d, batch %d of the epoch)",
+             state.step, state.epoch, state.index)
+    ctx.log_metrics({"resumed_from_step": state.step}, step=state.step)
+    return state
+
+
+def checkpoint_saver(ctx: JobContext, model: Any, optimizer: Any,
+                     scheduler: Any) -> Callable[[LoopState], None]:
+    """train_loop's on_checkpoint: the training state to the store's checkpoint area (latest.json last)."""
+    def save(s: LoopState) -> None:
+        local = ctx.work_dir / "checkpoint"
+        shutil.rmtree(local, ignore_errors=True)
+        save_training_state(local, model, optimizer, scheduler, s)
+        ctx.save_checkpoint(s.step, local)
+        shutil.rmtree(local, ignore_errors=True)
+        log.info("checkpoint saved at step %d", s.step)
+    return save
+
+
+def metrics_logger(ctx: JobContext) -> Callable[[dict[str, float]], None]:
+    """train_loop's on_log: loss and eval figures to MLflow, by step (counters and timings stay out)."""
+    def log_metrics(entry: dict[str, float]) -> None:
+        ctx.log_metrics({("train_loss" if k == "loss" else k): v for k, v in entry.items()
+                         if k not in ("step", "epoch", "tokens", "seconds")}, step=int(entry["step"]))
+    return log_metrics
+
+
 def train_adapter(ctx: JobContext, setup: QLoRASetup, base_ref: str, revision: str | None,
                   train_ex: list[Example], dev_ex: list[Example], pad_id: int,
-                  adapter_dir: Path) -> TrainOutcome:
-    """Train (or resume training) the LoRA adapter and save it to adapter_dir (peft format)."""
+                  adapter_dir: Path, base: str | None = None) -> TrainOutcome:
+    """Train (or resume training) the LoRA adapter and save it to adapter_dir (peft format), naming
+    `base` (default base_ref) as its base model."""
     import torch
 
     cfg = ctx.config.train
@@ -491,26 +558,10 @@ def train_adapter(ctx: JobContext, setup: QLoRASetup, base_ref: str, revision: s
     optimizer = make_optimizer(trainable, cfg, setup.device)
     scheduler = make_scheduler(optimizer, cfg)
 
-    state, resumed_from = LoopState(), 0
-    latest = ctx.latest_checkpoint()
-    if latest is not None:
-        state = load_training_state(latest[1], model, optimizer, scheduler)
-        resumed_from = state.step
-        log.info("resumed from checkpoint at step %d (epoch %d, batch %d of the epoch)",
-                 state.step, state.epoch, state.index)
-        ctx.log_metrics({"resumed_from_step": state.step}, step=state.step)
-
-    def save_checkpoint(s: LoopState) -> None:
-        local = ctx.work_dir / "checkpoint"
-        shutil.rmtree(local, ignore_errors=True)
-        save_training_state(local, model, optimizer, scheduler, s)
-        ctx.save_checkpoint(s.step, local)
-        shutil.rmtree(local, ignore_errors=True)
-        log.info("checkpoint saved at step %d", s.step)
-
-    def log_metrics(entry: dict[str, float]) -> None:
-        ctx.log_metrics({("train_loss" if k == "loss" else k): v for k, v in entry.items()
-                         if k not in ("step", "epoch", "tokens", "seconds")}, step=int(entry["step"]))
+    state = resume_state(ctx, model, optimizer, scheduler)
+    resumed_from = state.step
+    save_checkpoint = checkpoint_saver(ctx, model, optimizer, scheduler)
+    log_metrics = metrics_logger(ctx)
 
     forward = torch.compile(model) if cfg.compile else model
     eval_set = fixed_batches(dev_ex, cfg.batch_size, pad_id, cfg.eval_batches)
@@ -529,7 +580,7 @@ def train_adapter(ctx: JobContext, setup: QLoRASetup, base_ref: str, revision: s
         optimizer, scheduler, cfg, setup.device, amp,
         state=state, on_checkpoint=save_checkpoint, on_log=log_metrics,
     )
-    model.save_pretrained(adapter_dir)
+    save_adapter(model, adapter_dir, base or base_ref)
     peak = torch.cuda.max_memory_allocated() / 2**30 if setup.device == "cuda" else None
     return TrainOutcome(state, resumed_from, n_trainable, peak)
 
@@ -556,12 +607,12 @@ def run(ctx: JobContext) -> JobResult:
 
     out = ctx.out_dir
     trained = train_adapter(ctx, setup, base_ref, revision, train_ex, dev_ex, tokenizer.pad_token_id,
-                            out / "adapter")
+                            out / "adapter", base_name(base_phase, base_ref))
     state = trained.state
     gc.collect()  # the 4-bit training model is gone: make room for the full-precision merge
     if setup.device == "cuda":
         torch.cuda.empty_cache()
-    write_jsonl(out / "train_log.jsonl", state.history)
+    write_jsonl(out / "train_log.jsonl", committed_history(state.history))
     plot_losses(state.history, out / "loss_curve.png")
     ctx.log_artifact(out / "loss_curve.png")
 

@@ -163,6 +163,53 @@ def test_compression_outputs_are_smaller_and_restore_bit_exact(pipeline_run: dic
     assert pruned_width < width and pruned_width % 128 == 0  # TINY_OVERRIDES: multiple_of 128
     packed = store.materialize(store.run_manifest(run_id, "2D"))
     restored = restore(packed, tmp_path / "restored")  # checks every sha256 itself
-    assert (tmp_path / "restored" / "model.safetensors").read_bytes() == (
+    assert (tmp_path / "restored" / "pruned" / "model.safetensors").read_bytes() == (
         pruned / "model.safetensors").read_bytes()
-    assert len(restored) >= 3
+    gguf_dir = store.materialize(store.run_manifest(run_id, "2C"))
+    gguf_name = store.run_manifest(run_id, "2C").info["gguf"]
+    assert (tmp_path / "restored" / "gguf" / gguf_name).read_bytes() == (gguf_dir / gguf_name).read_bytes()
+    assert len(restored) >= 6
+
+
+def test_ledger_shows_size_and_quality_after_each_compression_step(pipeline_run: dict[str, Any]) -> None:
+    from forge.config import load_config
+    from forge.ledger import read_rows
+    from forge.runner import make_store
+
+    store = make_store(load_config(profile="demo"))
+    rows = {r["phase"]: r for r in read_rows(store, pipeline_run["dag_run"].run_id)}
+    for phase in ("2A", "2B", "2C", "2D", "2E", "2F"):
+        assert rows[phase]["status"] == "complete" and rows[phase]["output_bytes"] > 0, rows[phase]
+        assert rows[phase]["quality"], phase
+    for phase in ("2A", "2B", "2C"):  # quality delta against the step before, on the same dev suite
+        assert {"acc", "delta_acc", "logprob", "delta_logprob"} <= set(rows[phase]["quality"]), phase
+    gguf, recovery = rows["2C"]["quality"], rows["2E"]["quality"]
+    assert gguf["size_mb"] < gguf["size_mb_before"] and 5.0 < gguf["bits_per_weight"] < 6.5
+    # the recovery adapter is scored beside the GGUF: before (GGUF alone) and after (GGUF + LoRA)
+    assert recovery["logprob_before"] == pytest.approx(gguf["logprob"], abs=1e-6)
+    assert recovery["changed_frac"] > 0
+    calibration = rows["2F"]["quality"]
+    assert calibration["ece_after"] < calibration["ece_before"]
+
+
+def test_compressed_base_is_registered_with_lineage_to_1a(pipeline_run: dict[str, Any]) -> None:
+    import json
+
+    from mlflow.tracking import MlflowClient
+
+    from forge.config import load_config
+    from forge.runner import make_store
+
+    cfg = load_config(profile="demo")
+    run_id = pipeline_run["dag_run"].run_id
+    store = make_store(cfg)
+    client = MlflowClient(tracking_uri=cfg.tracking.tracking_uri, registry_uri=cfg.tracking.tracking_uri)
+    version = client.get_model_version_by_alias(cfg.tracking.compressed_model, "challenger")
+    m1a, m2f = store.run_manifest(run_id, "1A"), store.run_manifest(run_id, "2F")
+    assert version.tags["forge.lineage.1A.mlflow_run_id"] == m1a.mlflow_run_id
+    assert version.tags["forge.lineage.1A.cache_key"] == m1a.cache_key
+    assert version.run_id == m2f.mlflow_run_id and version.source == m2f.base_uri
+    bundle = json.loads((store.materialize(m2f) / "bundle.json").read_text())
+    m2c, m2e = store.run_manifest(run_id, "2C"), store.run_manifest(run_id, "2E")
+    assert bundle["gguf"]["sha256"] == m2c.files[m2c.info["gguf"]].sha256
+    assert bundle["adapter"]["sha256"] == m2e.files[m2e.info["adapter"]].sha256

@@ -1,4 +1,8 @@
-"""The DAG folder parses cleanly, fast, without ML libraries, into the registry's tasks."""
+"""The DAG folder parses cleanly, fast, without ML libraries, into the registry's tasks.
+
+Two DAGs, one builder (operators/pipeline_dag.py): forge_pipeline (manual) and
+forge_pipeline_scheduled (weekly, for backfills) have the same tasks; only the schedule differs.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from tests.airflow_env import REPO, configure
 
 configure()
@@ -16,7 +22,7 @@ from airflow.dag_processing.dagbag import DagBag  # noqa: E402
 
 from forge.phases import PHASES  # noqa: E402
 
-DAG_FILE = REPO / "dags" / "forge_pipeline.py"
+DAG_IDS = ("forge_pipeline", "forge_pipeline_scheduled")
 HEAVY = ("torch", "transformers", "peft", "mlflow", "sklearn", "bitsandbytes", "sentence_transformers")
 PLAN_ID = re.compile(r"^\d+[A-Z]$")
 
@@ -28,11 +34,12 @@ def _dagbag() -> DagBag:
 def test_dag_folder_has_no_import_errors() -> None:
     bag = _dagbag()
     assert bag.import_errors == {}
-    assert "forge_pipeline" in bag.dag_ids
+    assert set(bag.dag_ids) == set(DAG_IDS)
 
 
-def test_tasks_groups_and_dependencies_follow_the_registry() -> None:
-    dag = _dagbag().dags["forge_pipeline"]
+@pytest.mark.parametrize("dag_id", DAG_IDS)
+def test_tasks_groups_and_dependencies_follow_the_registry(dag_id: str) -> None:
+    dag = _dagbag().dags[dag_id]
     expected = {f"{p.group}.{p.task_id}" for p in PHASES}
     assert set(dag.task_ids) == expected
     assert "phase1_base.1a_base_qlora" in expected
@@ -48,39 +55,58 @@ def test_tasks_groups_and_dependencies_follow_the_registry() -> None:
             assert (task.pool, task.queue, task.pool_slots) == ("gpu", "gpu", 1)
         else:
             assert task.pool != "gpu"
-    assert dag.schedule is None  # triggered by people (the form) or the REST API
     assert {"profile", "base_model", "domains", "datasets", "overrides"} <= set(dag.params)
     assert dag.params.get_param("profile").schema["enum"] == ["demo", "production"]
+    assert dag.catchup is False and dag.max_active_runs == 1
 
 
-def test_dag_serializes_with_its_params_and_links() -> None:
+def test_manual_dag_is_triggered_only() -> None:
+    dag = _dagbag().dags["forge_pipeline"]
+    assert dag.schedule is None  # triggered by people (the form) or the REST API
+
+
+def test_scheduled_dag_is_weekly_paused_and_backfillable() -> None:
+    from datetime import UTC, datetime
+
+    dag = _dagbag().dags["forge_pipeline_scheduled"]
+    assert dag.schedule == "@weekly"
+    assert dag.timetable.expression == "0 0 * * 0"  # a time schedule: `airflow backfill create` needs one
+    assert dag.start_date == datetime(2026, 1, 4, tzinfo=UTC)
+    assert dag.is_paused_upon_creation is True  # despite DAGS_ARE_PAUSED_AT_CREATION=False here
+    assert "airflow backfill create" in dag.doc_md and "--reprocess-behavior failed" in dag.doc_md
+
+
+@pytest.mark.parametrize("dag_id", DAG_IDS)
+def test_dag_serializes_with_its_params_and_links(dag_id: str) -> None:
     from airflow.serialization.serialized_objects import DagSerialization
 
-    dag = _dagbag().dags["forge_pipeline"]
+    dag = _dagbag().dags[dag_id]
     data = DagSerialization.to_dict(dag)
     restored = DagSerialization.from_dict(data)
     task = restored.get_task("phase1_base.1a_base_qlora")
     assert "MLflow run" in task.extra_links
 
 
-def test_dag_file_parses_fast_and_imports_no_ml_library(tmp_path) -> None:
+@pytest.mark.parametrize("dag_id", DAG_IDS)
+def test_dag_file_parses_fast_and_imports_no_ml_library(dag_id: str, tmp_path) -> None:
     # a fresh interpreter, like the DAG processor: airflow loaded first, then the file timed
     # alone; run from elsewhere so the file must find `forge`/`operators` by itself
     probe = f"""
 import json, sys, time, importlib.util
 import airflow.sdk
 t = time.perf_counter()
-spec = importlib.util.spec_from_file_location("forge_pipeline_probe", {str(DAG_FILE)!r})
+spec = importlib.util.spec_from_file_location("forge_pipeline_probe", {str(REPO / "dags" / f"{dag_id}.py")!r})
 module = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(module)
 seconds = time.perf_counter() - t
 heavy = sorted({{m.split(".")[0] for m in sys.modules}} & set({list(HEAVY)!r}))
-print(json.dumps({{"seconds": seconds, "heavy": heavy, "tasks": len(module.dag.tasks)}}))
+dag = module.dag
+print(json.dumps({{"seconds": seconds, "heavy": heavy, "tasks": len(dag.tasks), "dag_id": dag.dag_id}}))
 """
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
                          cwd=tmp_path, env=env, check=True).stdout
     result = json.loads(out.strip().splitlines()[-1])
     assert result["heavy"] == []
-    assert result["tasks"] == len(PHASES)
+    assert result["tasks"] == len(PHASES) and result["dag_id"] == dag_id
     assert result["seconds"] < 2.0, result

@@ -19,7 +19,7 @@ CHATS = [
                   {"role": "assistant", "content": str(2 * i)}]}
     for i in range(30)
 ]
-SMALL_SUITES = {"train": 12, "dev": 4, "heldout": 6, "pretrain": 10}
+SMALL_SUITES = {"train": 12, "dev": 4, "heldout": 6, "pretrain": 10, "calib": 8}
 
 
 def _write_jsonl(path: Path, records: list) -> Path:
@@ -176,13 +176,13 @@ def _prep(home: Path, monkeypatch: pytest.MonkeyPatch, run_id: str = "t1", **dat
 
 def test_prepare_writes_splits_corpus_and_stats(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     out = _prep(tmp_path / "home", monkeypatch)
-    assert {p.name for p in out.iterdir()} >= {"train.jsonl", "dev.jsonl", "heldout.jsonl", "pretrain.txt",
-                                              "stats.json"}
+    assert {p.name for p in out.iterdir()} >= {"train.jsonl", "dev.jsonl", "heldout.jsonl", "calib.jsonl",
+                                              "pretrain.txt", "stats.json"}
     stats = json.loads((out / "stats.json").read_text())
-    assert stats["splits"] == {"train": 48, "dev": 16, "heldout": 24, "pretrain": 40}
+    assert stats["splits"] == {"train": 48, "dev": 16, "heldout": 24, "calib": 32, "pretrain": 40}
     assert stats["by_domain"]["heldout"] == {"automation": 6, "code": 6, "general": 6, "reasoning": 6}
-    assert stats["reference_self_check"]["checked"] == 88
-    for split in ("train", "dev", "heldout"):
+    assert stats["reference_self_check"]["checked"] == 120
+    for split in ("train", "dev", "heldout", "calib"):
         rows = read_jsonl(out / f"{split}.jsonl")
         assert len(rows) == stats["splits"][split] and all("check" in r for r in rows)
     train = read_jsonl(out / "train.jsonl")

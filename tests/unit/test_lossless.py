@@ -132,11 +132,10 @@ def test_config_validates_fields() -> None:
 
 
 class FakeContext(SimpleNamespace):
-    """What run(ctx) uses of forge.runner.JobContext: the pruned model folder of 2A, the config."""
+    """What run(ctx) uses of forge.runner.JobContext: 2A's and 2C's output folders, the config."""
 
     def input_dir(self, phase_id: str) -> Path:
-        assert phase_id == "2A"
-        return self.upstream
+        return {"2A": self.upstream, "2C": self.gguf}[phase_id]
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         self.metrics.update(metrics)
@@ -156,9 +155,22 @@ def make_model_folder(root: Path) -> Path:
     return merged
 
 
+def make_gguf_folder(root: Path) -> Path:
+    """2C's output shape: a GGUF file (magic + quantized-looking blocks) and the tokenizer beside it."""
+    import numpy as np
+
+    folder = root / "gguf"
+    folder.mkdir(parents=True)
+    blocks = np.random.default_rng(5).integers(0, 16, size=200_000, dtype=np.uint8)  # 4-bit-ish values
+    (folder / "model-q5_k_m.gguf").write_bytes(b"GGUF" + blocks.tobytes())
+    (folder / "tokenizer.json").write_text(json.dumps({"model": {"vocab": {"a": 0, "b": 1}}}, indent=2))
+    return folder
+
+
 def test_job_compresses_measures_and_restores(tmp_path: Path) -> None:
     merged = make_model_folder(tmp_path / "up")
-    ctx = FakeContext(upstream=merged, out_dir=tmp_path / "out", work_dir=tmp_path / "work",
+    gguf = make_gguf_folder(tmp_path / "up")
+    ctx = FakeContext(upstream=merged, gguf=gguf, out_dir=tmp_path / "out", work_dir=tmp_path / "work",
                       config=SimpleNamespace(lossless=LosslessConfig(level=3)), metrics={}, artifacts=[])
     ctx.out_dir.mkdir()
     result = lossless.run(ctx)
@@ -167,28 +179,33 @@ def test_job_compresses_measures_and_restores(tmp_path: Path) -> None:
     assert set(report["weights"]) == set(KNOWN_SCHEMES)
     best = report["best_scheme"]
     assert all(report["weights"][best]["bytes_out"] <= r["bytes_out"] for r in report["weights"].values())
-    for r in report["weights"].values():
-        assert r["bytes_in"] == (merged / "model.safetensors").stat().st_size
-        assert r["compress_mbps"] > 0 and r["decompress_mbps"] > 0
-    assert report["verified_files"] == 4
+    weight_bytes = (merged / "model.safetensors").stat().st_size + (gguf / "model-q5_k_m.gguf").stat().st_size
+    for scheme, r in report["weights"].items():
+        assert r["bytes_in"] == weight_bytes and r["files"] == 2
+        # throughputs are wall-clock: metrics only, the report file stays the same bytes on a re-run
+        assert "compress_mbps" not in r and "decompress_mbps" not in r
+        assert all(result.metrics[f"{scheme}.{k}"] > 0 for k in ("compress_mbps", "decompress_mbps"))
+    assert report["verified_files"] == 6
+    assert {f["path"] for f in report["per_file"]} >= {"pruned/model.safetensors", "gguf/model-q5_k_m.gguf"}
     assert (ctx.out_dir / "zstd.dict").is_file()
     assert set(result.quality) >= {"saved_pct", "ratio", "scheme"}
     assert result.quality["scheme"] == float(list(KNOWN_SCHEMES).index(best))
     assert 0 < result.quality["saved_pct"] < 100 and result.quality["ratio"] > 1
     assert f"{best}.ratio" in result.metrics
     assert ctx.metrics == {}  # the runner logs JobResult.metrics; the job does not log them twice
-    assert not list(ctx.out_dir.rglob("*.safetensors"))  # only compressed blobs are stored
+    assert not list(ctx.out_dir.rglob("*.safetensors")) and not list(ctx.out_dir.rglob("*.gguf"))
 
     restored = lossless.restore(ctx.out_dir, tmp_path / "restored")
-    assert len(restored) == 4
-    for p in merged.iterdir():
-        assert (tmp_path / "restored" / p.name).read_bytes() == p.read_bytes()
+    assert len(restored) == 6
+    for name, folder in (("pruned", merged), ("gguf", gguf)):
+        for p in folder.iterdir():
+            assert (tmp_path / "restored" / name / p.name).read_bytes() == p.read_bytes()
 
     lossless.main(["restore", str(ctx.out_dir), str(tmp_path / "cli")])
     weights = (merged / "model.safetensors").read_bytes()
-    assert (tmp_path / "cli" / "model.safetensors").read_bytes() == weights
+    assert (tmp_path / "cli" / "pruned" / "model.safetensors").read_bytes() == weights
 
-    stored = ctx.out_dir / "files" / "model.safetensors.fgz"
+    stored = ctx.out_dir / "files" / "pruned" / "model.safetensors.fgz"
     damaged = bytearray(stored.read_bytes())
     damaged[-100] ^= 0x01
     stored.write_bytes(bytes(damaged))
@@ -198,7 +215,8 @@ def test_job_compresses_measures_and_restores(tmp_path: Path) -> None:
 
 def test_job_fails_clearly_without_a_model(tmp_path: Path) -> None:
     (tmp_path / "up").mkdir()
-    ctx = FakeContext(upstream=tmp_path / "up", out_dir=tmp_path / "out", work_dir=tmp_path / "work",
-                      config=SimpleNamespace(lossless=LosslessConfig()), metrics={}, artifacts=[])
-    with pytest.raises(FileNotFoundError, match="2A output has no safetensors"):
+    ctx = FakeContext(upstream=tmp_path / "up", gguf=make_gguf_folder(tmp_path), out_dir=tmp_path / "out",
+                      work_dir=tmp_path / "work", config=SimpleNamespace(lossless=LosslessConfig()),
+                      metrics={}, artifacts=[])
+    with pytest.raises(FileNotFoundError, match=r"2A output has no \.safetensors"):
         lossless.run(ctx)

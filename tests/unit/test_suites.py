@@ -33,8 +33,8 @@ def test_generate_is_deterministic_and_seed_dependent(domain: str) -> None:
 @pytest.mark.parametrize("domain", DOMAINS)
 def test_splits_never_share_a_prompt(domain: str) -> None:
     prompts = {split: {r["messages"][0]["content"] for r in generate(domain, 150, 3, split)}
-               for split in ("train", "dev", "heldout", "pretrain")}
-    for eval_split in ("dev", "heldout"):
+               for split in ("train", "dev", "heldout", "calib", "pretrain")}
+    for eval_split in ("dev", "heldout", "calib"):
         for other in prompts:
             if other != eval_split:
                 assert not prompts[eval_split] & prompts[other], (eval_split, other)

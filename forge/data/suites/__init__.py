@@ -2,7 +2,7 @@
 
 `generate(domain, n, seed, split)` returns rows in the forge.data.records schema whose
 reference answers pass `check_answer`. Splits never share a prompt: each prompt hashes into a
-bucket, "dev" and "heldout" own disjoint buckets, and every other split ("train", "pretrain",
+bucket, "dev", "heldout" and "calib" own disjoint buckets, and every other split ("train", "pretrain",
 or any new name) draws from the remaining ones, each split from its own random stream.
 """
 
@@ -26,8 +26,9 @@ SUITES: dict[str, ModuleType] = {
 }
 
 N_BUCKETS = 20
-EVAL_BUCKETS = {"dev": frozenset({0}), "heldout": frozenset({1, 2, 3})}
-TRAIN_BUCKETS = frozenset(range(4, N_BUCKETS))
+# calib (2F's confidence calibration) is an eval split too: a model never trains on its prompts
+EVAL_BUCKETS = {"dev": frozenset({0}), "heldout": frozenset({1, 2, 3}), "calib": frozenset({4, 5})}
+TRAIN_BUCKETS = frozenset(range(6, N_BUCKETS))
 # After this many draws in a row that only repeat prompts already in the split, accept repeats:
 # a production-sized split may ask for more rows than a template space holds.
 MAX_REPEAT_STREAK = 2000
