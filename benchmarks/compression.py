@@ -81,6 +81,8 @@ def main() -> int:
     ap.add_argument("--tiny", action="store_true", help="the test suite's smallest demo (tests/conftest.py)")
     ap.add_argument("--home", help="FORGE_HOME to use (default: a temporary folder, removed at the end)")
     ap.add_argument("--conf", default="{}", help="extra JSON overrides")
+    ap.add_argument("--reuse-upstream", action="store_true",
+                    help="with --home: keep prep..1B of an earlier run there, re-measure only phase 2")
     args = ap.parse_args()
 
     conf: dict[str, Any] = {}
@@ -102,7 +104,9 @@ def main() -> int:
 
         print(f"FORGE_HOME={home}; profile {args.profile}{' (tiny)' if args.tiny else ''}", flush=True)
         upstream_s = 0.0
-        for phase in UPSTREAM:
+        if args.reuse_upstream and not args.home:
+            raise SystemExit("--reuse-upstream needs --home (the FORGE_HOME of the earlier run)")
+        for phase in () if args.reuse_upstream else UPSTREAM:
             r = run_step(phase, conf, args.profile, env)
             upstream_s += r["wall_s"]
             print(f"  upstream {phase}: {r['wall_s']:.1f} s", flush=True)
@@ -124,7 +128,7 @@ def main() -> int:
             print(f"  {phase}: {r['wall_s']:.1f} s", flush=True)
         rows = {row["phase"]: row for row in read_rows(store, RUN_ID)}
 
-        print("\n| step | in MB | out MB | wall s | job s | peak RSS MB (child) | quality (ledger) |")
+        print("\n| step | in MB | out MB | wall s | job s | peak RSS MB (largest child) | quality (ledger) |")
         print("|---|---:|---:|---:|---:|---:|---|")
         for phase, r in results.items():
             q = rows.get(phase, {}).get("quality") or {}
@@ -136,8 +140,11 @@ def main() -> int:
         print(f"\nphase 2 total: {phase2_s:.1f} s wall ({phase2_s / 60:.1f} min; target < 10 min); "
               f"upstream prep..1B: {upstream_s:.1f} s")
 
-        report = json.loads((store.materialize(store.run_manifest(RUN_ID, "2D")) / "lossless_report.json")
-                            .read_text())
+        m2d = store.run_manifest(RUN_ID, "2D")
+        report = json.loads((store.materialize(m2d) / "lossless_report.json").read_text())
+        for scheme, w in report["weights"].items():  # throughputs are measurements: in metrics, not files
+            for k in ("compress_mbps", "decompress_mbps"):
+                w[k] = m2d.metrics.get(f"{scheme}.{k}", float("nan"))
         best = report["best_scheme"]
         print("\n2D lossless, weights (pruned safetensors + GGUF), one thread:")
         print("| scheme | in MB | out MB | saved % | compress MB/s | decompress MB/s |")
