@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 VENV := .venv
 .DEFAULT_GOAL := help
-.PHONY: help setup run test stop status bench bench-compress lint
+.PHONY: help setup setup-axolotl run test stop status bench bench-compress lint
 
 help:
 	@echo "make run [ONCE=1] [CONF='{json}']  start the stack, run the demo pipeline, keep the UIs up until Ctrl-C"
@@ -13,15 +13,20 @@ help:
 	@echo "make bench-compress                phase 2 per step: bytes in/out, time, peak RAM, quality delta"
 	@echo "make lint                          ruff"
 	@echo "make setup                         .venv from requirements.txt (only when it changed)"
+	@echo "make setup-axolotl                 .venv-axolotl: Axolotl's own runtime (its pins clash with .venv's)"
 
 setup:
 	@scripts/setup.sh
+
+# Axolotl (the modifiers' training backend) pins transformers/peft apart from llm-compressor: own venv.
+setup-axolotl:
+	@scripts/setup_axolotl.sh
 
 run: setup
 	@scripts/run.sh $(if $(ONCE),--once) $(if $(CONF),--conf '$(CONF)')
 
 # pytest exits 5 when it collected nothing: that is a failure too, said plainly.
-test: setup
+test: setup setup-axolotl
 	@$(VENV)/bin/pytest $(PYTEST_ARGS); rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; fi; exit $$rc
 

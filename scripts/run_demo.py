@@ -127,7 +127,8 @@ def ledger_text(cfg: PipelineConfig, run_id: str) -> str:
     return render(rows) if rows else f"(no ledger rows for run {run_id} in {store.root})\n"
 
 
-def mlflow_summary(mlflow: MlflowClientREST, run_id: str, experiment: str, model_name: str) -> list[str]:
+def mlflow_summary(mlflow: MlflowClientREST, run_id: str, experiment: str,
+                   model_names: tuple[str, ...]) -> list[str]:
     lines = [f"MLflow UI:       {mlflow.base_url}"]
     try:
         exp_id = mlflow.experiment_id(experiment)
@@ -139,10 +140,11 @@ def mlflow_summary(mlflow: MlflowClientREST, run_id: str, experiment: str, model
         if parents:
             lines.append(f"  pipeline run:  {mlflow.run_url(exp_id, parents[0]['info']['run_id'])} "
                          f"({len(phases)} nested phase runs)")
-        version = mlflow.model_version_by_alias(model_name, "challenger")
-        if version is None:
-            lines.append(f"  registry:      no version of {model_name} has the alias @challenger")
-        else:
+        for model_name in model_names:
+            version = mlflow.model_version_by_alias(model_name, "challenger")
+            if version is None:
+                lines.append(f"  registry:      no version of {model_name} has the alias @challenger")
+                continue
             tags = {t["key"]: t["value"] for t in version.get("tags", [])}
             origin = "this run" if tags.get("forge.run_id") == run_id else f"run {tags.get('forge.run_id')}"
             lines.append(f"  registry:      {model_name} v{version['version']} @challenger (from {origin}) "
@@ -167,7 +169,8 @@ def print_summary(outcome: RunOutcome, airflow_url: str, mlflow: MlflowClientRES
         print(f"  (could not read the ledger: {exc})")
     print()
     tracking = cfg.tracking
-    for line in mlflow_summary(mlflow, outcome.run_id, tracking.experiment, tracking.registered_model):
+    models = (tracking.registered_model, tracking.compressed_model)
+    for line in mlflow_summary(mlflow, outcome.run_id, tracking.experiment, models):
         print(line)
     password = "$FORGE_ADMIN_PASSWORD" if os.environ.get("FORGE_ADMIN_PASSWORD") else "admin"
     print(f"Airflow UI:      {airflow_url}/dags/{DAG_ID}/runs/{outcome.run_id}  (login admin / {password})")
