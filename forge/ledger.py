@@ -38,6 +38,18 @@ def read_rows(store: ArtifactStore, run_id: str) -> list[dict[str, Any]]:
     return sorted(rows, key=lambda r: order.get(r["phase"], 999))
 
 
+def with_deltas(after: dict[str, Any], before: dict[str, Any],
+                keys: tuple[str, ...] = ("acc", "logprob")) -> dict[str, float]:
+    """A step's quality row: its own numbers, plus <key>_before and delta_<key> against the step
+    before it (measured on the same suite) for each key both have."""
+    quality = {k: float(v) for k, v in after.items()}
+    for key in keys:
+        if key in after and before.get(key) is not None:
+            quality[f"{key}_before"] = float(before[key])
+            quality[f"delta_{key}"] = float(after[key]) - float(before[key])
+    return quality
+
+
 def _fmt_quality(q: dict[str, Any] | None) -> str:
     if not q:
         return ""

@@ -24,6 +24,7 @@ from forge.artifacts import (
     safe_run_id,
 )
 from forge.config import PipelineConfig, forge_home
+from forge.data.records import DataError
 from forge.ledger import write_row
 from forge.phases import Phase, get_phase
 from forge.tracking import PhaseRun, Tracker
@@ -84,6 +85,40 @@ class JobContext:
 
     def latest_checkpoint(self) -> tuple[int, Path] | None:
         return self.store.latest_checkpoint(self.phase.id, self.cache_key)
+
+
+@dataclass
+class InputFile:
+    """One file of an upstream phase's output, as its manifest records it."""
+
+    phase: str
+    name: str  # file name inside the phase's output
+    path: Path  # verified local copy
+    uri: str  # where it lives in the artifact store
+    sha256: str
+    size: int
+    cache_key: str  # of the phase's output
+
+    def describe(self) -> dict[str, Any]:
+        """Content-addressed: the phase's cache key finds its output through the store's cache index; the
+        URI (which names the run that produced it) lives in the manifest's info, not in bundle.json."""
+        return {"phase": self.phase, "file": self.name, "cache_key": self.cache_key, "sha256": self.sha256,
+                "size": self.size}
+
+
+def input_file(ctx: JobContext, phase: str, info_key: str) -> InputFile:
+    """The file an upstream phase names in its manifest info (e.g. 2C's "gguf"), checked against its files."""
+    manifest = ctx.inputs[phase]
+    name = manifest.info.get(info_key)
+    if not name:
+        raise DataError(f"the {phase} manifest ({manifest.base_uri}) has no info[{info_key!r}] naming "
+                        f"its file; files there: {sorted(manifest.files)}")
+    if name not in manifest.files:
+        raise DataError(f"{phase} info[{info_key!r}] names {name!r}, which is not among its files "
+                        f"{sorted(manifest.files)} ({manifest.base_uri})")
+    entry = manifest.files[name]
+    return InputFile(phase, name, ctx.input_dir(phase) / name, f"{manifest.base_uri}/{name}", entry.sha256,
+                     entry.size, manifest.cache_key)
 
 
 def make_store(cfg: PipelineConfig, storage_options: dict[str, Any] | None = None) -> ArtifactStore:

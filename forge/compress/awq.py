@@ -171,6 +171,7 @@ def run(ctx: JobContext) -> JobResult:
 
     from forge.compress.pruning import dir_mb
     from forge.evaluate.harness import evaluate_ref
+    from forge.ledger import with_deltas
     from forge.modeling import load_tokenizer, pick_device
     from forge.runner import JobResult
     from forge.train.qlora_trainer import seed_everything
@@ -211,12 +212,8 @@ def run(ctx: JobContext) -> JobResult:
     after = report.summary()
 
     size_mb, size_before = dir_mb(out), dir_mb(src)
-    quality = {k: float(v) for k, v in after.items()}
     prev = ctx.input_info("2A").get("quality", {}) or {}
-    for key in ("acc", "logprob"):  # vs the previous step's ledger row, same dev suite
-        if key in after and prev.get(key) is not None:
-            quality[f"{key}_before"] = float(prev[key])
-            quality[f"delta_{key}"] = float(after[key]) - float(prev[key])
+    quality = with_deltas(after, prev)  # vs the previous step's ledger row, same dev suite
     quality.update(size_mb=size_mb, size_mb_before=size_before, bits=float(bits),
                    compression_ratio=size_before / size_mb if size_mb else float("nan"))
 

@@ -36,7 +36,7 @@ from forge.data.records import DataError, prompt_messages, read_jsonl, write_jso
 
 if TYPE_CHECKING:
     from forge.evaluate.harness import Backend
-    from forge.runner import JobContext, JobResult
+    from forge.runner import InputFile, JobContext, JobResult
 
 log = logging.getLogger("forge.compress")
 
@@ -413,41 +413,11 @@ def feature_records(cal: Calibration) -> list[dict[str, Any]]:
 
 # ---- 8. the job ------------------------------------------------------------------------------
 
-@dataclass
-class InputFile:
-    phase: str
-    name: str  # file name inside the phase's output
-    path: Path  # verified local copy
-    uri: str  # where it lives in the artifact store
-    sha256: str
-    size: int
-    cache_key: str  # of the phase's output
-
-    def describe(self) -> dict[str, Any]:
-        """Content-addressed: the phase's cache key finds its output through the store's cache index; the
-        URI (which names the run that produced it) lives in the manifest's info, not in bundle.json."""
-        return {"phase": self.phase, "file": self.name, "cache_key": self.cache_key, "sha256": self.sha256,
-                "size": self.size}
-
-
-def input_file(ctx: JobContext, phase: str, info_key: str) -> InputFile:
-    """The file an upstream phase names in its manifest info (e.g. 2C's "gguf"), checked against its files."""
-    manifest = ctx.inputs[phase]
-    name = manifest.info.get(info_key)
-    if not name:
-        raise DataError(f"2F: the {phase} manifest ({manifest.base_uri}) has no info[{info_key!r}] naming "
-                        f"its file; files there: {sorted(manifest.files)}")
-    if name not in manifest.files:
-        raise DataError(f"2F: {phase} info[{info_key!r}] names {name!r}, which is not among its files "
-                        f"{sorted(manifest.files)} ({manifest.base_uri})")
-    entry = manifest.files[name]
-    return InputFile(phase, name, ctx.input_dir(phase) / name, f"{manifest.base_uri}/{name}", entry.sha256,
-                     entry.size, manifest.cache_key)
-
-
 def shipped_files(ctx: JobContext) -> tuple[InputFile, InputFile | None, dict[str, Any]]:
     """2C's GGUF and 2E's recovery adapter (None when 2E was skipped: the GGUF is then served alone), and
     the bundle's description of what ships: store URIs and sha256s from the input manifests."""
+    from forge.runner import input_file
+
     gguf = input_file(ctx, "2C", "gguf")
     adapter = None if ctx.input_skipped("2E") else input_file(ctx, "2E", "adapter")
     manifest, g = ctx.inputs["2C"], ctx.config.gguf

@@ -114,6 +114,7 @@ def run(ctx: JobContext) -> JobResult:
     from forge.compress.pruning import dir_mb
     from forge.evaluate.harness import run_eval
     from forge.evaluate.llama_cpp_backend import LlamaCppBackend
+    from forge.ledger import with_deltas
     from forge.runner import JobResult
 
     cfg: GGUFConfig = ctx.config.gguf
@@ -167,12 +168,8 @@ def run(ctx: JobContext) -> JobResult:
     after = report.summary()
 
     size_mb, size_before = dir_mb(out, ".gguf"), dir_mb(src)
-    quality = {k: float(v) for k, v in after.items()}
     prev = ctx.input_info("2A").get("quality", {}) or {}
-    for key in ("acc", "logprob"):  # vs the previous step's ledger row (2A's fp weights), same dev suite
-        if key in after and prev.get(key) is not None:
-            quality[f"{key}_before"] = float(prev[key])
-            quality[f"delta_{key}"] = float(after[key]) - float(prev[key])
+    quality = with_deltas(after, prev)  # vs the previous step's ledger row (2A's fp weights), same dev suite
     bpw = quant_summary["bits_per_weight"]
     quality.update(size_mb=size_mb, size_mb_before=size_before, bits_per_weight=bpw,
                    compression_ratio=size_before / size_mb if size_mb else float("nan"))

@@ -314,6 +314,7 @@ def run(ctx: JobContext) -> JobResult:
     import torch
 
     from forge.evaluate.harness import evaluate_ref
+    from forge.ledger import with_deltas
     from forge.modeling import compute_dtype, load_model, load_tokenizer, pick_device
     from forge.runner import JobResult
     from forge.train import qlora_trainer as qt
@@ -362,11 +363,7 @@ def run(ctx: JobContext) -> JobResult:
 
     # "before" is 1A's ledger row: the same model on the same dev split with the same eval config
     before = ctx.input_info("1A").get("quality", {}) or {}
-    quality = {k: float(v) for k, v in after.items()}
-    for key in ("acc", "logprob"):
-        if key in after and before.get(key) is not None:
-            quality[f"{key}_before"] = float(before[key])
-            quality[f"delta_{key}"] = float(after[key]) - float(before[key])
+    quality = with_deltas(after, before)
     size_mb, size_before = dir_mb(out), dir_mb(src)
     quality.update(params_before=float(outcome.params_before), params_after=float(outcome.params_after),
                    size_mb=size_mb)

@@ -174,19 +174,13 @@ class HFBackend:
 
     def _prompt_answer_ids(self, prompts: list[str],
                            answers: list[str]) -> tuple[list[list[int]], list[list[int]]]:
-        """Answer ids as the model sees them after the prompt: from the joint encoding (a lone answer
-        may tokenize differently, e.g. SentencePiece's leading space), unless the prompt's own ids are
-        not a prefix of it; then the answer is encoded alone."""
+        """Prompt ids and answer ids (see answer_ids), a batch at a time."""
         tok = self.tokenizer
         p_ids = tok(prompts, add_special_tokens=False)["input_ids"]
         joint = [p + a for p, a in zip(prompts, answers, strict=True)]
         full = tok(joint, add_special_tokens=False)["input_ids"]
-        a_ids = []
-        for p, f, answer in zip(p_ids, full, answers, strict=True):
-            if len(f) > len(p) and f[:len(p)] == p:
-                a_ids.append(f[len(p):])
-            else:
-                a_ids.append(tok(answer, add_special_tokens=False)["input_ids"])
+        a_ids = [answer_ids(p, f, lambda answer=answer: tok(answer, add_special_tokens=False)["input_ids"])
+                 for p, f, answer in zip(p_ids, full, answers, strict=True)]
         return p_ids, a_ids
 
     def answer_logprobs(self, prompts: list[str], answers: list[str]) -> list[float]:
@@ -234,6 +228,16 @@ class HFBackend:
                 per_temp.append([token_lp[i, -len(a):].mean().item() for i, a in enumerate(a_ids)])
             result += [list(row) for row in zip(*per_temp, strict=True)]
         return result
+
+
+def answer_ids(prompt_ids: list[int], joint_ids: list[int],
+               encode_answer: Callable[[], list[int]]) -> list[int]:
+    """Answer ids as the model sees them after the prompt: the tail of the prompt+answer encoding (a
+    lone answer may tokenize differently, e.g. SentencePiece's leading space), unless the prompt's own
+    ids are not a prefix of it; then the answer encoded alone. Every backend scores answers this way."""
+    if len(joint_ids) > len(prompt_ids) and joint_ids[:len(prompt_ids)] == prompt_ids:
+        return joint_ids[len(prompt_ids):]
+    return encode_answer()
 
 
 def _stop_ids(model: Any, tokenizer: Any) -> list[int]:

@@ -125,13 +125,11 @@ class LlamaCppBackend:
     # ---- teacher-forced scoring -----------------------------------------------------------------
 
     def prompt_answer_ids(self, prompt: str, answer: str) -> tuple[list[int], list[int]]:
-        """Answer ids from the joint prompt+answer tokenization (like HFBackend._prompt_answer_ids),
-        unless the prompt's own ids are not a prefix of it; then the answer is tokenized alone."""
+        """Prompt ids and answer ids, split as every harness backend does (harness.answer_ids)."""
+        from forge.evaluate.harness import answer_ids
+
         p = self.tokenize(prompt)
-        full = self.tokenize(prompt + answer)
-        if len(full) > len(p) and full[:len(p)] == p:
-            return p, full[len(p):]
-        return p, self.tokenize(answer)
+        return p, answer_ids(p, self.tokenize(prompt + answer), lambda: self.tokenize(answer))
 
     def answer_logprobs_at(self, prompts: list[str], answers: list[str],
                            temperatures: Sequence[float]) -> list[list[float]]:

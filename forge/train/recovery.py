@@ -311,13 +311,9 @@ class BeforeAfter:
 
     def quality(self) -> dict[str, float]:
         """After's numbers, plus <metric>_before and delta_<metric> for acc and logprob."""
-        q = {k: float(v) for k, v in self.after.items()}
-        for key in ("acc", "logprob"):
-            if key in self.after and key in self.before:
-                q[f"{key}_before"] = float(self.before[key])
-                q[f"delta_{key}"] = float(self.after[key]) - float(self.before[key])
-        q["changed_frac"] = self.changed_frac
-        return q
+        from forge.ledger import with_deltas
+
+        return {**with_deltas(self.after, self.before), "changed_frac": self.changed_frac}
 
 
 def compare_reports(before: EvalReport, after: EvalReport) -> BeforeAfter:
@@ -342,29 +338,18 @@ def evaluate_before_after(gguf_path: Path, adapter_path: Path, tokenizer_dir: Pa
 
 # ---- 6. the job ------------------------------------------------------------------------------
 
-def base_gguf(ctx: JobContext) -> Path:
-    """2C's quantized GGUF, named by its manifest's info."""
-    name = ctx.input_info("2C").get("gguf")
-    if not name:
-        raise ValueError("2C's manifest has no info key 'gguf' (the quantized file's name): rerun 2C")
-    path = ctx.input_dir("2C") / name
-    if not path.is_file():
-        raise FileNotFoundError(f"2C's GGUF {path} is missing from its outputs")
-    return path
-
-
 def run(ctx: JobContext) -> JobResult:
     import torch
 
     from forge.modeling import compute_dtype, load_model, load_tokenizer, pick_device
-    from forge.runner import JobResult
+    from forge.runner import JobResult, input_file
     from forge.train import qlora_trainer as qt
 
     cfg: RecoveryConfig = ctx.config.recovery
     model_dir = ctx.input_dir("2A")
     if not (model_dir / "config.json").exists():
         raise FileNotFoundError(f"2E needs 2A's pruned model at {model_dir} (config.json missing)")
-    gguf_path = base_gguf(ctx)
+    gguf_path = input_file(ctx, "2C", "gguf").path  # 2C's quantized GGUF, named by its manifest
     tokenizer_dir = ctx.input_dir("2C")
     device = pick_device(cfg.device)
     amp = compute_dtype(device) if device == "cuda" else None

@@ -15,6 +15,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("peft")
 pytest.importorskip("llama_cpp")
 
+from forge.artifacts import FileEntry, Manifest, sha256_file  # noqa: E402
 from forge.compress import llama_cpp_tools as lt  # noqa: E402
 from forge.compress.gguf_config import GGUFConfig  # noqa: E402
 from forge.config import EvalConfig  # noqa: E402
@@ -171,8 +172,13 @@ class FakeContext:
     def input_dir(self, phase_id: str) -> Path:
         return self.dirs[phase_id]
 
-    def input_info(self, phase_id: str) -> dict:
-        return {"gguf": GGUF_NAME} if phase_id == "2C" else {}
+    @property
+    def inputs(self) -> dict[str, Manifest]:
+        """2C's manifest as the runner keeps it: its GGUF named in info and listed with its sha256."""
+        gguf = self.dirs["2C"] / GGUF_NAME
+        entry = FileEntry(gguf.stat().st_size, sha256_file(gguf))
+        return {"2C": Manifest(phase="2C", cache_key="key-2C", base_uri=f"file://{self.dirs['2C']}",
+                               run_id="r1", files={GGUF_NAME: entry}, info={"gguf": GGUF_NAME})}
 
     def log_metrics(self, metrics: dict, step: int | None = None) -> None:
         pass
