@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from forge.artifacts import sha256_file
 from forge.compress.codecs import LosslessError, decompress_blob, get_codec
 from forge.compress.lossless_config import LosslessConfig
 
@@ -114,14 +115,6 @@ def gather_sources(folders: dict[str, Path], dest: Path) -> Path:
             except OSError:  # another filesystem (or no hard links there): copy instead
                 shutil.copy2(p, target)
     return dest
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def train_dictionary(samples: list[bytes], dict_size: int) -> tuple[bytes | None, str]:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -31,6 +30,7 @@ import pytest
 
 from forge.artifacts import Manifest
 from forge.config import PipelineConfig, deep_merge, load_config
+from forge.modifiers.local_teachers import free_port
 from forge.phases import PHASES, get_phase
 from tests.conftest import REPO, TINY_OVERRIDES
 
@@ -70,12 +70,6 @@ def skipped_by_default(cfg: PipelineConfig) -> set[str]:
 
 
 # ---- the stack -----------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @dataclass
 class Stack:
     home: Path

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import pytest
@@ -10,21 +9,16 @@ import pytest
 import forge.phases
 from forge.artifacts import ArtifactError, ArtifactStore
 from forge.config import load_config
+from forge.modifiers.local_teachers import free_port
 from forge.runner import run_phase
 from tests.fake_jobs import FAKE_PHASES, calls
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def s3_endpoint():
     from moto.server import ThreadedMotoServer
 
-    port = _free_port()
+    port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     yield f"http://127.0.0.1:{port}"
@@ -39,7 +33,7 @@ def bucket(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> str:
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "forge-test")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "forge-test-secret")
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    name = f"forge-{_free_port()}"
+    name = f"forge-{free_port()}"
     boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1").create_bucket(Bucket=name)
     return name
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 from pathlib import Path
 
 import pytest
@@ -13,6 +12,7 @@ from forge.data.datasets import dataset_name, load_rows
 from forge.data.prepare import user_row_split
 from forge.data.records import DataError, read_jsonl, validate_row
 from forge.data.suites import check_answer
+from forge.modifiers.local_teachers import free_port
 
 CHATS = [
     {"messages": [{"role": "user", "content": f"What is {i} + {i}?"},
@@ -132,12 +132,6 @@ def test_dataset_names() -> None:
     assert dataset_name(DatasetSpec(uri="/data/saved/", format="hf")) == "saved"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_jsonl_from_s3(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import boto3
     from moto.server import ThreadedMotoServer
@@ -145,7 +139,7 @@ def test_jsonl_from_s3(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "forge-test")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "forge-test-secret")
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    port = _free_port()
+    port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     try:
