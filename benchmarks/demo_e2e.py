@@ -29,7 +29,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from forge.config import forge_home, load_config  # noqa: E402
-from forge.phases import PHASES  # noqa: E402
+from forge.phases import pipeline_phases  # noqa: E402
 from scripts.airflow_client import (  # noqa: E402
     DEFAULT_AIRFLOW_URL,
     DEFAULT_MLFLOW_URL,
@@ -169,7 +169,8 @@ def task_rows(tis: list[dict[str, Any]], cfg, run_id: str) -> list[dict[str, Any
 
     store = make_store(cfg)
     ledger = {r["phase"]: r for r in read_rows(store, run_id)}
-    by_task = {f"{p.group}.{p.task_id}": p for p in PHASES}
+    phases = pipeline_phases(cfg)
+    by_task = {f"{p.group}.{p.task_id}": p for p in phases}
     rows = []
     for ti in tis:
         phase = by_task.get(ti["task_id"])
@@ -182,7 +183,7 @@ def task_rows(tis: list[dict[str, Any]], cfg, run_id: str) -> list[dict[str, Any
         rows.append({"task": ti["task_id"], "phase": phase.id if phase else None, "state": ti.get("state"),
                      "cached": cached, "wall_s": wall, "job_s": job,
                      "overhead_s": None if wall is None or job is None else wall - job})
-    return sorted(rows, key=lambda r: next((i for i, p in enumerate(PHASES) if p.id == r["phase"]), 99))
+    return sorted(rows, key=lambda r: next((i for i, p in enumerate(phases) if p.id == r["phase"]), 999))
 
 
 def _f(v: float | None, width: int = 8) -> str:

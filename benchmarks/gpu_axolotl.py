@@ -12,10 +12,14 @@ samples `nvidia-smi --query-gpu=memory.used`. Prints one JSON line (versions, si
 memory, losses) and writes it, the YAML and the log tail to --out.
 
 --install-wheels DIR: the device machine has torch/transformers/peft/accelerate but no Axolotl and no
-network, so its missing packages travel as wheels. Those it already imports are left alone (on 2026-11-25 it
-had numba, pandas, pyarrow, scipy, xxhash). numba and wandb, if missing (too big to carry: llvmlite ~42 MB,
-wandb ~20 MB), get stubs: Axolotl imports both at module level. This run uses neither. numba only
-jit-compiles the packing planner, which also runs as plain Python.
+network, so Axolotl and the packages its pins want travel as wheels (benchmarks/README.md lists them).
+WHEELS says when each goes in: Axolotl's exact pins (transformers, peft, datasets, trl, tokenizers, pydantic
+...) unless that very version is there; others unless the machine's copy satisfies a bound, or only when
+missing. torch (GBs) and pyarrow (~42 MB) cannot travel: PREREQS checks them, and the JSON lists whatever of
+Axolotl's own requirements stays unmet (axolotl_requirements_unmet: its torch>=2.13 pin, extras it never
+imports here). numba and wandb, if missing (too big to carry: llvmlite ~42 MB, wandb ~20 MB), get stubs:
+Axolotl imports both at module level. This run uses neither. numba only jit-compiles the packing planner,
+which also runs as plain Python.
 Installs go into the interpreter's own site-packages: run_axolotl drops PYTHONPATH from Axolotl's env.
 """
 
@@ -39,17 +43,24 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-# wheel name prefix -> the module that shows it is already there (None: always install ours)
-WHEELS: dict[str, str | None] = {
-    "axolotl": None, "axolotl_contribs_lgpl": None, "axolotl_contribs_mit": None, "bitsandbytes": None,
-    "datasets": None, "trl": None, "evaluate": None,
-    "pyarrow": "pyarrow", "pandas": "pandas", "dill": "multiprocess", "multiprocess": "multiprocess",
-    "xxhash": "xxhash", "addict": "addict", "fire": "fire", "termcolor": "termcolor", "colorama": "colorama",
-    "python_dotenv": "dotenv", "fastcore": "fastcore", "posthog": "posthog", "backoff": "backoff",
-    "distro": "distro", "python_dateutil": "dateutil", "six": "six", "responses": "responses",
-    "pydantic-": "pydantic", "pydantic_core": "pydantic", "annotated_types": "pydantic",
-    "typing_inspection": "pydantic",
+# wheel (distribution name as in the file name) -> when ours goes in. "pin": unless the installed version is
+# the wheel's (what Axolotl pins exactly); a specifier (">=1.31.0"): unless the installed one satisfies it;
+# "": only when missing (whatever version the machine has will do).
+WHEELS: dict[str, str] = {
+    "axolotl": "pin", "axolotl_contribs_lgpl": "pin", "axolotl_contribs_mit": "pin", "bitsandbytes": "pin",
+    "transformers": "pin", "tokenizers": "pin", "peft": "pin", "accelerate": "pin", "datasets": "pin",
+    "trl": "pin", "evaluate": "pin", "pydantic": "pin", "pydantic_core": "pin",
+    "huggingface_hub": ">=1.31.0", "hf_xet": ">=1.6.0", "click": ">=8.4.2", "fsspec": "<=2026.6.0",
+    "dill": "<0.4.2", "multiprocess": "<0.70.20", "typing_extensions": ">=4.14.1",
+    "typing_inspection": ">=0.4.2", "annotated_types": ">=0.6.0",
+    "xxhash": "", "addict": "", "fire": "", "termcolor": "", "colorama": "", "python_dotenv": "",
+    "fastcore": "", "posthog": "", "backoff": "", "distro": "", "python_dateutil": "", "six": "",
+    "responses": "",
 }
+# what the machine must already have, at these versions (too big to carry: pyarrow ~42 MB, torch GBs)
+PREREQS = {"torch": ">=2.7.1", "pyarrow": ">=21.0.0", "pandas": "", "numpy": ">=2.1",
+           "safetensors": ">=0.8.0", "regex": ">=2025.10.22", "psutil": "", "pyyaml": ">=5.1", "jinja2": "",
+           "httpx": "<1.0.0"}
 STUBS = {
     "numba": ("def njit(*args, **kwargs):\n"
               "    if len(args) == 1 and callable(args[0]) and not kwargs:\n"
@@ -71,7 +82,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--install-wheels", type=Path, help="install the missing packages from this wheel folder")
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "out")), help="result folder")
     ap.add_argument("--steps", type=int, default=60)
-    ap.add_argument("--rows", type=int, default=2048, help="chat rows (spread over the four suites)")
+    ap.add_argument("--rows", type=int, default=2048, help="chat rows (spread over the suites)")
     ap.add_argument("--seq", type=int, help="sequence_len (default 1024; tiny 128)")
     ap.add_argument("--batch", type=int, default=8, help="micro batch size")
     ap.add_argument("--vocab", type=int, default=4096)
@@ -88,22 +99,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def install_wheels(folder: Path) -> dict[str, Any]:
-    """pip-install the wheels whose module is missing here (and those marked always); stub numba/wandb."""
+    """pip-install the wheels that WHEELS says are needed here; stub numba/wandb if missing."""
     chosen, skipped = [], []
     for whl in sorted(folder.glob("*.whl")):
-        key = next((k for k in WHEELS if whl.name.startswith(k if k.endswith("-") else k + "-")), None)
-        if key is None:
-            skipped.append(whl.name)
-            continue
-        probe = WHEELS[key]
-        if probe is not None and importlib.util.find_spec(probe) is not None and not _too_old(probe):
-            skipped.append(whl.name)
-            continue
-        chosen.append(str(whl))
+        name, version = whl.name.split("-")[:2]
+        if name not in WHEELS:
+            raise SystemExit(f"{whl}: not in WHEELS (add it with its install rule, or remove the file)")
+        rule = WHEELS[name]
+        (chosen if _needs(name, "==" + version if rule == "pin" else rule) else skipped).append(whl)
     if chosen:
         pip = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
                "--no-cache-dir", "--break-system-packages"]
-        subprocess.run([*pip, *chosen], check=True)
+        subprocess.run([*pip, *map(str, chosen)], check=True)
     site = Path(sysconfig.get_paths()["purelib"])
     stubbed = []
     for name, code in STUBS.items():
@@ -112,16 +119,45 @@ def install_wheels(folder: Path) -> dict[str, Any]:
             (site / name / "__init__.py").write_text(code)
             stubbed.append(name)
     importlib.invalidate_caches()
-    return {"installed": [Path(c).name for c in chosen], "already_there": skipped, "stubbed": stubbed}
+    return {"installed": [w.name for w in chosen], "already_there": [w.name for w in skipped],
+            "stubbed": stubbed, "prereqs_unmet": [f"{n}{s} (have {_installed(n)})" for n, s in PREREQS.items()
+                                                  if _needs(n, s)]}
 
 
-def _too_old(module: str) -> bool:
-    if module != "pydantic":  # axolotl 0.20 pins pydantic 2.12.5; older 2.x miss fields it uses
-        return False
-    from importlib.metadata import version
+def _installed(dist: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
 
-    major, minor = (int(x) for x in version("pydantic").split(".")[:2])
-    return (major, minor) < (2, 12)
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return None
+
+
+def _needs(dist: str, spec: str) -> bool:
+    """True when `dist` is missing or its installed version does not satisfy `spec` ("" = any)."""
+    from packaging.specifiers import SpecifierSet
+
+    have = _installed(dist)
+    return have is None or (bool(spec) and not SpecifierSet(spec).contains(have, prereleases=True))
+
+
+def unmet_requirements(dist: str = "axolotl") -> list[str]:
+    """`dist`'s own requirements (extras aside) that this interpreter does not meet: what runs unpinned."""
+    from importlib.metadata import requires
+
+    from packaging.requirements import Requirement
+
+    if _installed(dist) is None:
+        return []
+    out = []
+    for line in requires(dist) or []:
+        req = Requirement(line)
+        if req.marker is not None and not req.marker.evaluate({"extra": ""}):
+            continue
+        have = _installed(req.name)
+        if have is None or not req.specifier.contains(have, prereleases=True):
+            out.append(f"{req.name}{req.specifier} (have {have})")
+    return out
 
 
 # ---------------------------------------------------------------- model, data, config
@@ -163,8 +199,8 @@ def render(args: argparse.Namespace, base: Path, data: Path, out_dir: Path, devi
                         precision="bf16" if device == "cuda" else "auto")
     rendered = render_axolotl_yaml(cfg, base_model=base, dataset_path=data, output_dir=out_dir)
     if packing:
-        # AxolotlConfig only allows packing with flash attention (true for Axolotl 0.19); Axolotl 0.20 packs
-        # with sdpa too (block-diagonal mask: packed rows do not see each other), so turn it on here.
+        # AxolotlConfig only allows packing with flash attention (true for Axolotl 0.19); Axolotl >= 0.20
+        # packs with sdpa too (block-diagonal mask: packed rows do not see each other), so turn it on here.
         rendered.update(sample_packing=True, pad_to_sequence_len=True)
     return rendered
 
@@ -229,7 +265,7 @@ def versions() -> dict[str, str | None]:
 
     out: dict[str, str | None] = {}
     for name in ("axolotl", "torch", "transformers", "peft", "accelerate", "bitsandbytes", "trl", "datasets",
-                 "pyarrow", "triton"):
+                 "tokenizers", "huggingface_hub", "pydantic", "pyarrow", "triton"):
         try:
             out[name] = version(name)
         except PackageNotFoundError:
@@ -359,6 +395,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         runs.append(run_once(args, work, base, data, device, "unpacked"))
     report["runs"] = runs
     report["versions"] = versions()
+    report["axolotl_requirements_unmet"] = unmet_requirements()
     # LoRA parameter count as PEFT reports it, from the saved adapter
     good = next((r for r in runs if r["ok"]), None)
     if good:

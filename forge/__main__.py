@@ -16,7 +16,7 @@ import sys
 import yaml
 
 from forge.config import ConfigError, load_config
-from forge.phases import PHASES
+from forge.phases import pipeline_phases
 
 
 def parse_sets(pairs: list[str]) -> dict:
@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
                         stream=sys.stdout)
 
     if args.cmd == "phases":
-        for ph in PHASES:
+        for ph in pipeline_phases():
             print(f"{ph.id:10s} {ph.group}.{ph.task_id:24s} {ph.title}  <- {', '.join(ph.inputs) or '-'}")
         return 0
     try:
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
 
         print(render(read_rows(make_store(cfg), args.run_id)), end="")
         return 0
-    phases = [args.phase] if args.cmd == "run" else [p.id for p in PHASES]
+    phases = [args.phase] if args.cmd == "run" else [p.id for p in pipeline_phases(cfg)]
     for phase_id in phases:
         m = run_phase(phase_id, cfg, args.run_id, track=not args.no_track)
         print(json.dumps({"phase": phase_id, "status": m.status, "uri": m.base_uri,

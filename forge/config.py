@@ -21,6 +21,9 @@ from forge.compress.gguf_config import GGUFConfig
 from forge.compress.lossless_config import LosslessConfig
 from forge.compress.pruning_config import PruningConfig
 from forge.config_base import Strict
+from forge.modifiers.modifier_config import ModifiersConfig
+from forge.modifiers.teacher_config import PLAN_TEACHERS, PLAN_TIERS, CascadeConfig
+from forge.train.distill_config import DistillConfig
 from forge.train.recovery_config import RecoveryConfig
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -196,6 +199,10 @@ class PipelineConfig(Strict):
     recovery: RecoveryConfig = RecoveryConfig()
     calibration: CalibrationConfig = CalibrationConfig()
     failure_analysis: FailureAnalysisConfig = FailureAnalysisConfig()
+    # teachers and their per-domain cascades; YAML `teachers: plan` = the plan's hosted table
+    teachers: CascadeConfig = CascadeConfig()
+    distill: DistillConfig = DistillConfig()
+    modifiers: ModifiersConfig = ModifiersConfig()
     eval: EvalConfig = EvalConfig()
     storage: StorageConfig = StorageConfig()
     tracking: TrackingConfig = TrackingConfig()
@@ -213,9 +220,68 @@ class PipelineConfig(Strict):
             raise ValueError("at least one domain is required")
         return v
 
-    def section(self, name: str) -> dict[str, Any]:
-        """A plain-dict view of one top-level section (what a phase hashes into its cache key)."""
-        return getattr(self, name).model_dump(mode="json") if name != "domains" else {"domains": self.domains}
+    @model_validator(mode="before")
+    @classmethod
+    def _teacher_preset(cls, data: Any) -> Any:
+        # `teachers: plan` (or {preset: plan, cost_cap_usd: ...}) = the plan's hosted teachers and tiers
+        if isinstance(data, dict):
+            t = data.get("teachers")
+            if t == "plan" or (isinstance(t, dict) and t.get("preset") == "plan"):
+                extra = {k: v for k, v in t.items() if k != "preset"} if isinstance(t, dict) else {}
+                data = {**data, "teachers": deep_merge({"teachers": PLAN_TEACHERS, "domains": PLAN_TIERS,
+                                                        "cost_cap_usd": 200.0}, extra)}
+            elif isinstance(t, str):
+                raise ValueError(f"teachers: unknown preset {t!r} (known: 'plan'); or write the section out")
+        return data
+
+    @model_validator(mode="after")
+    def _teachers_cover_what_runs(self) -> PipelineConfig:
+        from forge.data.suites import SUITES
+
+        used = list(self.modifiers.enabled) + ([self.distill.cascade] if self.distill.enabled else [])
+        missing = [d for d in used if d not in self.teachers.domains]
+        if missing:
+            raise ValueError(f"teachers.domains has no tiers for {missing} (enabled modifiers / "
+                             f"distill.cascade); configured: {sorted(self.teachers.domains)}")
+        self.teachers.check_domains(used)
+        for d in self.modifiers.enabled:
+            spec = self.modifiers.domains[d]
+            if self.modifiers.suite_of(d) not in SUITES:
+                raise ValueError(f"modifiers.domains.{d}.suite: no task suite {self.modifiers.suite_of(d)!r} "
+                                 f"(known: {sorted(SUITES)})")
+            if spec.judge is not None:
+                judge = self.teachers.teachers.get(spec.judge)
+                if judge is None:
+                    raise ValueError(f"modifiers.domains.{d}.judge: teacher {spec.judge!r} is not defined "
+                                     f"under teachers.teachers ({sorted(self.teachers.teachers)})")
+                if judge.kind == "reference":
+                    raise ValueError(f"modifiers.domains.{d}.judge: {spec.judge!r} is a reference solver; "
+                                     "a judge is an 'openai' model or the 'rubric' judge")
+                if not judge.is_local:
+                    judge.require_endpoint()
+        return self
+
+    def section(self, name: str) -> Any:
+        """A plain view of one config section (what a phase hashes into its cache key): a top-level name, a
+        dotted path ("modifiers.domains.code"), or "teachers:<domain>" (that domain's tiers, the teachers
+        they name, its judge and the cost cap: another domain's teachers changing must not invalidate it)."""
+        if name == "domains":
+            return {"domains": self.domains}
+        if name.startswith("teachers:"):
+            domain = name.split(":", 1)[1]
+            tiers = self.teachers.domains.get(domain, [])
+            names = [t.teacher for t in tiers]
+            spec = self.modifiers.domains.get(domain)
+            if spec is not None and spec.judge in self.teachers.teachers:
+                names.append(spec.judge)
+            return {"tiers": [t.model_dump(mode="json") for t in tiers],
+                    "teachers": {n: self.teachers.teachers[n].model_dump(mode="json") for n in names},
+                    "cost_cap_usd": self.teachers.cost_cap_usd,
+                    "min_confidence": self.teachers.min_confidence, "cache": self.teachers.cache}
+        value: Any = self
+        for part in name.split("."):
+            value = value[part] if isinstance(value, dict) else getattr(value, part)
+        return value.model_dump(mode="json") if hasattr(value, "model_dump") else value
 
 
 def forge_home() -> Path:

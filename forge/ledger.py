@@ -32,9 +32,9 @@ def read_rows(store: ArtifactStore, run_id: str) -> list[dict[str, Any]]:
         if path.endswith(".json"):
             with store.fs.open(path, "r") as f:
                 rows.append(json.load(f))
-    from forge.phases import PHASES  # registry order reads like the master table
+    from forge.phases import pipeline_phases  # registry order reads like the master table
 
-    order = {p.id: i for i, p in enumerate(PHASES)}
+    order = {p.id: i for i, p in enumerate(pipeline_phases())}
     return sorted(rows, key=lambda r: order.get(r["phase"], 999))
 
 

@@ -6,10 +6,12 @@ A phase that is not built yet is simply absent here.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import lru_cache, partial
 
 from forge.config import PipelineConfig
+from forge.modifiers.modifier_config import SUBPHASES, TIER_STEPS, ModifierDomainConfig
 
 
 @dataclass(frozen=True)
@@ -23,10 +25,16 @@ class Phase:
     sections: tuple[str, ...] = ()  # config sections hashed into the cache key
     gpu: bool = False  # runs on the GPU queue/pool when a GPU runtime is configured
     skip: Callable[[PipelineConfig], str | None] | None = None  # returns a reason to skip
+    domain: str | None = None  # a modifier's subphase: its domain
+    step: str | None = None  # a modifier's subphase: its letter A-H
 
 
 def _trim_skip(cfg: PipelineConfig) -> str | None:
     return None if cfg.vocab.trim_enabled else cfg.vocab.trim_skip_reason
+
+
+def _distill_skip(cfg: PipelineConfig) -> str | None:
+    return None if cfg.distill.enabled else cfg.distill.skip_reason
 
 
 PHASES: tuple[Phase, ...] = (
@@ -43,6 +51,10 @@ PHASES: tuple[Phase, ...] = (
           gpu=True),
     Phase("1B", "1b_failure_analysis", "phase1_base", "Failure analysis",
           "forge.data.failure_analysis:run", ("prep_data", "1A"), ("failure_analysis", "eval")),
+    # 1C's local teachers in the demo serve 2C's GGUF and 2E's recovery LoRA, hence those inputs
+    Phase("1C", "1c_distillation", "phase1_base", "Distillation: answers to failures + critiques (Axolotl)",
+          "forge.train.distillation:run", ("prep_data", "1A", "1B", "2C", "2E"),
+          ("distill", "teachers:general", "eval"), gpu=True, skip=_distill_skip),
     Phase("2A", "2a_structured_pruning", "phase2_compress", "Structured pruning (MLP width)",
           "forge.compress.pruning:run", ("prep_data", "1A"), ("pruning", "eval"), gpu=True),
     Phase("2B", "2b_awq_quantization", "phase2_compress", "AWQ 4-bit (llm-compressor W4A16 g128)",
@@ -60,11 +72,122 @@ PHASES: tuple[Phase, ...] = (
           "forge.compress.calibration:run", ("prep_data", "1A", "2C", "2E"), ("calibration", "gguf", "eval")),
 )
 
-BY_ID: dict[str, Phase] = {p.id: p for p in PHASES}
+# ---- the modifiers: subphases A-H per configured domain ------------------------------------------------
+
+MODIFIER_JOBS = {
+    "A": "forge.modifiers.collect:run",
+    "B": "forge.modifiers.generation:run", "C": "forge.modifiers.generation:run",
+    "D": "forge.modifiers.generation:run",
+    "E": "forge.modifiers.curate:run",
+    "F": "forge.modifiers.training:render",
+    "G": "forge.modifiers.training:train",
+    "H": "forge.modifiers.evaluation:run",
+}
 
 
-def get_phase(phase_id: str) -> Phase:
+def modifier_phase_id(spec: ModifierDomainConfig, step: str) -> str:
+    """3 + A -> "3A"; 14A + B -> "14A.B" (a plan id that ends in a letter gets a dot)."""
+    return f"{spec.plan_id}{step}" if spec.plan_id.isdigit() else f"{spec.plan_id}.{step}"
+
+
+def _modifier_skip(domain: str, step: str, cfg: PipelineConfig) -> str | None:
+    if domain not in cfg.modifiers.enabled:
+        return (f"modifier {domain!r} is not enabled in this run (enable it in the trigger form's "
+                f"Modifiers field or modifiers.enabled)")
+    tier = TIER_STEPS.get(step)
+    n_tiers = len(cfg.teachers.domains.get(domain, []))
+    if tier is not None and tier > n_tiers:
+        return f"teachers.domains.{domain} has {n_tiers} tier(s): no tier {tier} to run"
+    return None
+
+
+def modifier_phases(domain: str, spec: ModifierDomainConfig) -> tuple[Phase, ...]:
+    """The eight subphases of one domain's modifier, wired A -> B -> C -> D -> E -> F -> G -> H."""
+    pid = partial(modifier_phase_id, spec)
+    group = f"phase{spec.plan_id.lower()}_{domain}_modifier"
+    own = (f"modifiers.domains.{domain}",)
+    teach = (f"teachers:{domain}", "eval")
+    # B/C/D: 2C's GGUF and 2E's LoRA are what the demo's local teachers serve
+    specs: dict[str, tuple[tuple[str, ...], tuple[str, ...], bool]] = {
+        "A": (("prep_data", "1B"), (*own, "modifiers.sizes", "data"), False),
+        "B": ((pid("A"), "2C", "2E"), teach, False),
+        "C": ((pid("A"), pid("B"), "2C", "2E"), teach, False),
+        "D": ((pid("A"), pid("C"), "2C", "2E"), teach, False),
+        "E": ((pid("A"), pid("B"), pid("C"), pid("D")),
+              (*own, "modifiers.val_fraction", "modifiers.min_train_rows", "modifiers.max_answer_chars"),
+              False),
+        # modifiers train on the pruned base (2A): its adapters then fit 2C's GGUF, which is 2A converted
+        "F": ((pid("E"), "2A"), ("modifiers.axolotl",), False),
+        "G": ((pid("E"), pid("F"), "2A"), ("modifiers.axolotl",), True),
+        # E for lineage: the registered adapter names the data it was trained on
+        "H": ((pid("A"), pid("E"), pid("G"), "2A", "2C", "2E"),
+              (*own, f"teachers:{domain}", "modifiers.registered_prefix", "eval", "gguf", "lossless"), False),
+    }
+    phases = []
+    for step, (inputs, sections, gpu) in specs.items():
+        name, title = SUBPHASES[step]
+        phase_id = pid(step)
+        phases.append(Phase(phase_id, f"{phase_id.lower().replace('.', '_')}_{name}", group,
+                            f"{spec.title}: {title}", MODIFIER_JOBS[step], inputs, sections, gpu=gpu,
+                            skip=partial(_modifier_skip, domain, step), domain=domain, step=step))
+    return tuple(phases)
+
+
+def _default_catalog() -> Mapping[str, ModifierDomainConfig]:
+    """The DAG's shape: the config file's domains (FORGE_CONFIG, FORGE_PROFILE), re-read when the file
+    changes."""
+    import os
+
+    from forge.config import DEFAULT_CONFIG_PATH
+
+    path = os.environ.get("FORGE_CONFIG", str(DEFAULT_CONFIG_PATH))
     try:
+        mtime = os.stat(path).st_mtime_ns
+    except OSError:
+        mtime = None  # load_config raises the clear error
+    return _catalog(path, mtime, os.environ.get("FORGE_PROFILE"))
+
+
+@lru_cache(maxsize=8)
+def _catalog(path: str, mtime: int | None, profile: str | None) -> Mapping[str, ModifierDomainConfig]:
+    from forge.config import load_config
+
+    return load_config(path, profile).modifiers.domains
+
+
+def pipeline_phases(catalog: Mapping[str, ModifierDomainConfig] | PipelineConfig | None = None,
+                    ) -> tuple[Phase, ...]:
+    """Every phase of the pipeline: the fixed ones, then A-H of each domain in the catalog (a config's
+    modifiers.domains; default: the config file's). Disabled domains are here too and skip at run time."""
+    if isinstance(catalog, PipelineConfig):
+        catalog = catalog.modifiers.domains
+    catalog = _default_catalog() if catalog is None else catalog
+    mods = [p for domain, spec in catalog.items() for p in modifier_phases(domain, spec)]
+    return (*PHASES, *mods)
+
+
+def phases_by_id(catalog: Mapping[str, ModifierDomainConfig] | PipelineConfig | None = None,
+                 ) -> dict[str, Phase]:
+    return {p.id: p for p in pipeline_phases(catalog)}
+
+
+BY_ID: dict[str, Phase] = {p.id: p for p in PHASES}  # the fixed phases (tests swap in their own)
+
+
+def get_phase(phase_id: str, cfg: PipelineConfig | None = None) -> Phase:
+    """A phase by id; modifier subphases come from cfg's domain catalog (default: the config file's)."""
+    if phase_id in BY_ID:
         return BY_ID[phase_id]
+    catalog = cfg.modifiers.domains if cfg is not None else _default_catalog()
+    known = {p.id: p for domain, spec in catalog.items() for p in modifier_phases(domain, spec)}
+    try:
+        return known[phase_id]
     except KeyError:
-        raise KeyError(f"unknown phase {phase_id!r}; known: {list(BY_ID)}") from None
+        raise KeyError(f"unknown phase {phase_id!r}; known: {[*BY_ID, *known]}") from None
+
+
+def modifier_input(phase: Phase, step: str, cfg: PipelineConfig) -> str:
+    """The id of a sibling subphase of a modifier phase (e.g. its collect step "A")."""
+    if phase.domain is None:
+        raise ValueError(f"phase {phase.id} is not a modifier subphase")
+    return modifier_phase_id(cfg.modifiers.domains[phase.domain], step)

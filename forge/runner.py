@@ -44,6 +44,7 @@ class JobResult:
     info: dict[str, Any] = field(default_factory=dict)  # small facts kept in the manifest
     register: str | None = None  # output subdir to register as a model version (challenger)
     register_model: str | None = None  # registered model name; default tracking.registered_model
+    aliases: tuple[str, ...] = ()  # besides challenger, e.g. ("champion",) when the job's own gate passed
 
 
 @dataclass
@@ -169,7 +170,7 @@ def run_phase(
     storage_options: dict[str, Any] | None = None,
     track: bool = True,
 ) -> Manifest:
-    phase = get_phase(phase_id)
+    phase = get_phase(phase_id, cfg)
     store = make_store(cfg, storage_options)
     inputs: dict[str, Manifest] = {}
     for up in phase.inputs:
@@ -253,8 +254,10 @@ def run_phase(
             source = f"{manifest.base_uri}/{result.register}" if result.register else manifest.base_uri
             version = tracker.register_model(name, source, mlrun.id,
                                              tags={"forge.phase": phase.id, "forge.run_id": run_id,
-                                                   "forge.cache_key": key, **lineage_tags(inputs)})
-            notes = f"{notes}; registered {name} v{version} @challenger".strip("; ")
+                                                   "forge.cache_key": key, **lineage_tags(inputs)},
+                                             extra_aliases=tuple(result.aliases))
+            at = " ".join(f"@{a}" for a in ("challenger", *result.aliases))
+            notes = f"{notes}; registered {name} v{version} {at}".strip("; ")
         write_row(store, run_id, {**base_row, "status": "complete", "cached": False,
                                   "seconds": time.time() - started, "job_seconds": job_seconds,
                                   "output_bytes": manifest.total_bytes, "quality": result.quality,

@@ -90,8 +90,9 @@ class Tracker:
         return f"{base.rstrip('/')}/#/experiments/{self.experiment_id}/runs/{mlflow_run_id}"
 
     def register_model(self, name: str, source_uri: str, mlflow_run_id: str,
-                       alias: str = "challenger", tags: dict[str, str] | None = None) -> str:
-        """Register a store URI as a new model version and point `alias` at it."""
+                       alias: str = "challenger", tags: dict[str, str] | None = None,
+                       extra_aliases: tuple[str, ...] = ()) -> str:
+        """Register a store URI as a new model version and point `alias` (and extra_aliases) at it."""
         from mlflow.exceptions import MlflowException
 
         try:
@@ -100,7 +101,8 @@ class Tracker:
             pass  # already exists
         mv = self.client.create_model_version(name, source=source_uri, run_id=mlflow_run_id,
                                               tags=tags or {})
-        self.client.set_registered_model_alias(name, alias, mv.version)
+        for a in (alias, *extra_aliases):
+            self.client.set_registered_model_alias(name, a, mv.version)
         return str(mv.version)
 
 

@@ -16,6 +16,7 @@ from forge.config import ConfigError, PipelineConfig, load_config
 from forge.phases import get_phase
 from operators.hooks.mlflow import mlflow_run_url
 from operators.hooks.storage import ArtifactStoreHook
+from operators.hooks.teachers import TeacherKeysHook
 from operators.links.mlflow import MlflowRunLink
 from operators.runtimes import RUNTIMES, JobRequest, Runtime, get_runtime
 from operators.trigger_form import config_request
@@ -87,8 +88,12 @@ class ForgeJobOperator(BaseOperator):
         cfg, overrides = self.build_config(context)
         run_id = context["run_id"]
         storage = ArtifactStoreHook(cfg.storage).get_credentials()
+        try:  # teacher API keys from Airflow connections, exported as the env vars the job reads
+            keys = TeacherKeysHook(cfg, get_phase(self.phase_id, cfg)).key_env()
+        except ValueError as exc:
+            raise AirflowFailException(str(exc)) from exc
         request = JobRequest(phase_id=self.phase_id, run_id=run_id, config=cfg, overrides=overrides,
-                             storage=storage, env=self.job_env(), config_path=self.config_path,
+                             storage=storage, env={**self.job_env(), **keys}, config_path=self.config_path,
                              track=self.track)
         from operators.runtimes.venv import CONFIG_ERROR_RC, JobFailed, RuntimeSetupError
 

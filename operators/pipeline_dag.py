@@ -15,18 +15,22 @@ from typing import Any
 
 from airflow.sdk import DAG, TaskGroup, TriggerRule
 
-from forge.phases import PHASES, Phase
+from forge.phases import Phase, pipeline_phases
 from operators.forge_job import ForgeJobOperator
 from operators.gpu_job import ForgeGPUJobOperator
 from operators.trigger_form import trigger_params
 
 DESCRIPTION = ("Forge: base model -> vocab analysis -> QLoRA base training -> failure analysis "
-               "-> compression (pruning, AWQ, GGUF, recovery LoRA, calibration)")
+               "-> compression (pruning, AWQ, GGUF, recovery LoRA, calibration) -> distillation "
+               "-> domain modifiers (teacher cascade + Axolotl)")
 TAGS = ("forge", "llm", "training")
 
 
-def add_phase_tasks(phases: Sequence[Phase] = PHASES) -> dict[str, ForgeJobOperator]:
-    """One task per phase inside the DAG being defined (call it within `with DAG(...)`), wired by inputs."""
+def add_phase_tasks(phases: Sequence[Phase] | None = None) -> dict[str, ForgeJobOperator]:
+    """One task per phase inside the DAG being defined (call it within `with DAG(...)`), wired by inputs.
+    Default: every pipeline phase, with a TaskGroup of subphases A-H per domain of the config file's
+    modifiers.domains (a domain the run does not enable skips, saying so)."""
+    phases = pipeline_phases() if phases is None else phases
     groups: dict[str, TaskGroup] = {}
     tasks: dict[str, ForgeJobOperator] = {}
     for phase in phases:

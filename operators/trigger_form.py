@@ -1,7 +1,8 @@
 """The trigger form of a Forge DAG (Airflow Params) and its mapping onto the pipeline config.
 
-Form fields: profile, base_model (-> model.base), domains, datasets (-> data.datasets) and
-`overrides`, a free JSON object deep-merged last (so it can set anything, form fields too).
+Form fields: profile, base_model (-> model.base), domains, modifiers (-> modifiers.enabled),
+datasets (-> data.datasets) and `overrides`, a free JSON object deep-merged last (so it can set
+anything, form fields too).
 Keys of a DAG-run conf that are not form fields are config overrides as well, e.g. a REST
 trigger with conf {"train": {"max_steps": 20}}. Everything is validated by forge.config.
 """
@@ -14,9 +15,9 @@ from typing import Any
 import yaml
 from airflow.sdk import Param
 
-from forge.config import DEFAULT_CONFIG_PATH, MVP_DOMAINS, ConfigError, DatasetSpec, deep_merge
+from forge.config import DEFAULT_CONFIG_PATH, MVP_DOMAINS, ConfigError, DatasetSpec, deep_merge, load_config
 
-FORM_FIELDS = ("profile", "base_model", "domains", "datasets", "overrides")
+FORM_FIELDS = ("profile", "base_model", "domains", "modifiers", "datasets", "overrides")
 
 
 def profile_names(path: Path = DEFAULT_CONFIG_PATH) -> list[str]:
@@ -34,6 +35,7 @@ def _dataset_schema() -> dict[str, Any]:
 
 def trigger_params() -> dict[str, Param]:
     profiles = profile_names()
+    modifiers = load_config().modifiers  # the domain catalog: one TaskGroup per entry in the DAG
     return {
         "profile": Param(
             "demo" if "demo" in profiles else profiles[0], type="string", enum=profiles,
@@ -48,7 +50,14 @@ def trigger_params() -> dict[str, Param]:
         "domains": Param(
             list(MVP_DOMAINS), type="array", title="Domains", minItems=1, uniqueItems=True,
             items={"type": "string", "enum": list(MVP_DOMAINS)},
-            description="Domains whose task suites are built, trained on and evaluated.",
+            description="Domains whose task suites the base model is trained and evaluated on.",
+        ),
+        "modifiers": Param(
+            list(modifiers.enabled), type="array", title="Modifiers", uniqueItems=True,
+            items={"type": "string", "enum": list(modifiers.domains)},
+            description="Domain modifiers (LoRA adapters) to build: each runs its TaskGroup A-H; the others "
+                        "skip. Post-MVP: " + ", ".join(d for d in modifiers.domains if d not in MVP_DOMAINS)
+                        + ".",
         ),
         "datasets": Param(
             [], type="array", title="Datasets", items=_dataset_schema(),
@@ -71,9 +80,16 @@ def config_request(params: dict[str, Any] | None, conf: dict[str, Any] | None) -
         overrides["model"] = {"base": values["base_model"]}
     if values.get("domains"):
         overrides["domains"] = list(values["domains"])
+    mods = values.get("modifiers")
+    if isinstance(mods, list):  # the form field ([] is a choice too: no modifiers this run)
+        overrides["modifiers"] = {"enabled": list(mods)}
+    elif mods is not None and not isinstance(mods, dict):  # a dict is the config section itself
+        raise ConfigError(f"modifiers: a list of domain names (got {type(mods).__name__})")
     if values.get("datasets"):
         overrides.setdefault("data", {})["datasets"] = list(values["datasets"])
     extra = {k: v for k, v in values.items() if k not in FORM_FIELDS}
+    if isinstance(mods, dict):  # conf {"modifiers": {"axolotl": {...}}} overrides the section
+        extra["modifiers"] = mods
     overrides = deep_merge(overrides, extra)
     free = values.get("overrides") or {}
     if not isinstance(free, dict):

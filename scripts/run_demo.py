@@ -158,10 +158,10 @@ def mlflow_summary(mlflow: MlflowClientREST, run_id: str, experiment: str,
 def print_summary(outcome: RunOutcome, airflow_url: str, mlflow: MlflowClientREST,
                   cfg: PipelineConfig) -> None:
     print(f"\n=== forge_pipeline run {outcome.run_id}: {outcome.state.upper()} in {outcome.wall_s:.1f}s ===")
-    print(f"{'task':40s} {'state':16s} {'seconds':>8s}")
+    print(f"{'task':56s} {'state':16s} {'seconds':>8s}")
     for ti in sorted(outcome.task_instances, key=_ti_order):
         secs = ti_seconds(ti)
-        print(f"{ti['task_id']:40s} {str(ti.get('state')):16s} {'-' if secs is None else f'{secs:8.1f}':>8s}")
+        print(f"{ti['task_id']:56s} {str(ti.get('state')):16s} {'-' if secs is None else f'{secs:8.1f}':>8s}")
     print(f"\nQuality ledger ({cfg.storage.root}):")
     try:
         print(ledger_text(cfg, outcome.run_id), end="")
@@ -169,7 +169,8 @@ def print_summary(outcome: RunOutcome, airflow_url: str, mlflow: MlflowClientRES
         print(f"  (could not read the ledger: {exc})")
     print()
     tracking = cfg.tracking
-    models = (tracking.registered_model, tracking.compressed_model)
+    models = (tracking.registered_model, tracking.compressed_model,
+              *(cfg.modifiers.registered_name(d) for d in cfg.modifiers.enabled))
     for line in mlflow_summary(mlflow, outcome.run_id, tracking.experiment, models):
         print(line)
     password = "$FORGE_ADMIN_PASSWORD" if os.environ.get("FORGE_ADMIN_PASSWORD") else "admin"

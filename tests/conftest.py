@@ -31,7 +31,17 @@ TINY_OVERRIDES = {
     "recovery": {"max_steps": 20, "batch_size": 4, "train_rows": 24, "max_seq_len": 128, "eval_every": 10,
                  "eval_batches": 2, "checkpoint_every": 10, "log_every": 5, "learning_rate": 1e-3},
     "eval": {"max_new_tokens": 24, "batch_size": 8},
+    "distill": {"failures": 16, "critiques": 12, "min_rows": 4,
+                "axolotl": {"adapter": "lora", "lora_r": 8, "lora_alpha": 16, "sequence_len": 128,
+                            "micro_batch_size": 4, "max_steps": 6, "learning_rate": 1e-3, "warmup_steps": 0,
+                            "save_steps": 3, "logging_steps": 1}},
+    "modifiers": {"sizes": {"prompts": 16, "dev": 4, "heldout": 12}, "min_train_rows": 4,
+                  "axolotl": {"adapter": "lora", "lora_r": 8, "lora_alpha": 16, "sequence_len": 128,
+                              "micro_batch_size": 4, "max_steps": 6, "learning_rate": 1e-3, "warmup_steps": 0,
+                              "save_steps": 3, "logging_steps": 1}},
 }
+# The phases every teacher, distillation and modifier job builds on: one tiny run shared per test session.
+UPSTREAM_PHASES = ("prep_data", "prep_model", "0A", "0B", "1A", "1B", "2A", "2C", "2E")
 
 
 @pytest.fixture
@@ -47,3 +57,42 @@ def tiny_overrides() -> dict:
     import copy
 
     return copy.deepcopy(TINY_OVERRIDES)
+
+
+class TinyRun:
+    """A real tiny pipeline run through UPSTREAM_PHASES (no MLflow) in its own FORGE_HOME."""
+
+    def __init__(self, home: Path, run_id: str) -> None:
+        self.home, self.run_id = home, run_id
+
+    def config(self, extra: dict | None = None):
+        """TINY_OVERRIDES (+ extra, deep-merged) on the demo profile. Call it with FORGE_HOME = self.home
+        (the `in_tiny_run` fixture sets that): the store root expands {forge_home}."""
+        import copy
+
+        from forge.config import deep_merge, load_config
+
+        return load_config(profile="demo", overrides=deep_merge(copy.deepcopy(TINY_OVERRIDES), extra or {}))
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> TinyRun:
+    """Built once per session. Tests run later phases of it with
+    `forge.runner.run_phase(phase, cfg, tiny_run.run_id, track=False)` under the `in_tiny_run` fixture;
+    upstream outputs are shared, so a test must not rerun an upstream phase with other settings."""
+    from forge.runner import run_phase
+
+    run = TinyRun(tmp_path_factory.mktemp("tiny_run_home"), "tiny-upstream")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FORGE_HOME", str(run.home))
+        cfg = run.config()
+        for phase in UPSTREAM_PHASES:
+            run_phase(phase, cfg, run.run_id, track=False)
+    return run
+
+
+@pytest.fixture
+def in_tiny_run(tiny_run: TinyRun, monkeypatch: pytest.MonkeyPatch) -> TinyRun:
+    """tiny_run with FORGE_HOME pointed at its home for this test."""
+    monkeypatch.setenv("FORGE_HOME", str(tiny_run.home))
+    return tiny_run

@@ -36,6 +36,24 @@ def validate_row(row: Any, where: str) -> dict[str, Any]:
     return row
 
 
+def read_json_objects(path: str | Path, required: tuple[str, ...], what: str) -> list[dict[str, Any]]:
+    """JSONL of objects that are not chat rows (eval records, cascade results): each must carry `required`;
+    errors name the file and line."""
+    out = []
+    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}:{n}: not valid JSON ({exc.msg})") from exc
+        missing = [k for k in required if not isinstance(obj, dict) or k not in obj]
+        if missing:
+            raise DataError(f"{path}:{n}: {what} needs field(s) {missing}")
+        out.append(obj)
+    return out
+
+
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     rows = []
     with open(path) as f:

@@ -28,8 +28,10 @@ class LlamaCppBackend:
                  n_ctx: int = 2048, n_threads: int = 1, n_batch: int = 512, max_new_tokens: int = 64) -> None:
         from llama_cpp import Llama
 
+        from forge.evaluate.llama_cpp_params import plain_cpu_buffers
         from forge.modeling import load_tokenizer
 
+        plain_cpu_buffers()
         model_path, tokenizer_dir = Path(model_path), Path(tokenizer_dir)
         if not model_path.is_file():
             raise FileNotFoundError(f"no GGUF model at {model_path}")

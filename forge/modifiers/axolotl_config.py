@@ -16,6 +16,13 @@ Axolotl fields used here were read from axolotl 0.19.0's schemas (axolotl/utils/
 - MLflow: `mlflow_tracking_uri` + `mlflow_experiment_name` turn on transformers' MLflowCallback; it
   attaches to an existing run when MLFLOW_RUN_ID is in its env (the runner sets it to the task's nested
   run). The experiment must be that run's experiment, or MLflow refuses to resume the run.
+- DPO (`preference_beta`): `rl: dpo` + `rl_beta`, dataset `type: chat_template.default`
+  (axolotl/prompt_strategies/dpo/chat_template.py): rows `{"messages": prompt turns, "chosen": str,
+  "rejected": str}`, rendered with the top-level `chat_template` (the DPODataset schema has no per-dataset
+  one). With an adapter, TRL's reference model is the base with the adapter disabled. Axolotl 0.19 loads only
+  the LoRA *config* for rl: dpo (loaders/model.py `_load_adapters`, config_only=True): `lora_model_dir`'s
+  weights would be silently dropped, so a warm start is refused here; merge the adapter into the base
+  instead (which also makes the merged model DPO's reference, as DPO wants).
 """
 
 from __future__ import annotations
@@ -62,20 +69,25 @@ class AxolotlConfig(Strict):
     logging_steps: int = Field(5, ge=1)
     # evaluation: a held-out fraction of the train file, or (if given to render) a separate eval file
     val_set_size: float = Field(0.0, ge=0.0, lt=1.0)
-    eval_steps: int | None = Field(None, ge=1)  # None: once per epoch when there is an eval set
+    # None: at every checkpoint (save_steps) when there is an eval set, so a max_steps run that ends
+    # mid-epoch still has an eval loss in its last checkpoint
+    eval_steps: int | None = Field(None, ge=1)
     seed: int = 42
     # auto: bf16 where the GPU has it, fp32 on CPU
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     attention: Literal["sdpa", "flash", "eager"] = "sdpa"  # flash needs CUDA and the flash-attn package
-    sample_packing: bool = False  # packs short rows into one sequence; needs flash attention
+    # packs short rows into one sequence; Axolotl keeps packed rows apart with flash attention, or (>= 0.20,
+    # the GPU trainer image) with its sdpa varlen patch
+    sample_packing: bool = False
     gradient_checkpointing: bool = False
     dataset_num_proc: int = Field(1, ge=1)  # tokenizing processes in `axolotl preprocess`
 
     @model_validator(mode="after")
     def _consistent(self) -> AxolotlConfig:
-        if self.sample_packing and self.attention != "flash":
-            raise ValueError("sample_packing needs attention='flash' (packed rows must not see each other)")
+        if self.sample_packing and self.attention == "eager":
+            raise ValueError("sample_packing needs attention 'flash' or 'sdpa' (packed rows must not see "
+                             "each other; eager attention would let them)")
         return self
 
 
@@ -134,6 +146,11 @@ def _dataset(path: Path) -> dict[str, Any]:
     }
 
 
+def _preference_dataset(path: Path) -> dict[str, Any]:
+    return {"path": str(path), "ds_type": "json", "split": "train", "type": "chat_template.default",
+            "field_messages": "messages", "field_chosen": "chosen", "field_rejected": "rejected"}
+
+
 def render_axolotl_yaml(
     cfg: AxolotlConfig,
     *,
@@ -145,15 +162,30 @@ def render_axolotl_yaml(
     resume_from: str | Path | None = None,
     init_adapter: str | Path | None = None,
     mlflow: MlflowTarget | None = None,
+    preference_beta: float | None = None,
 ) -> dict[str, Any]:
     """The Axolotl config (a dict; `to_yaml` writes it) for one LoRA/QLoRA run on our chat rows.
 
-    dataset_path / eval_path: JSONL with a `messages` list per row (write_chat_jsonl writes one).
+    dataset_path / eval_path: JSONL with a `messages` list per row (write_chat_jsonl writes one); with
+    preference_beta, preference rows instead (write_preference_jsonl).
     output_dir: Axolotl's output (checkpoint-N folders, then the final adapter at its top).
     prepared_dir: where `axolotl preprocess` puts the tokenized dataset (default: output_dir/prepared).
     resume_from: a checkpoint-N folder to continue from (step, optimizer, scheduler, adapter weights).
-    init_adapter: an existing LoRA adapter folder to start from (a warm start, not a resume).
+    init_adapter: an existing LoRA adapter folder to start from (a warm start, not a resume; SFT only).
+    preference_beta: DPO (`rl: dpo`) with this beta instead of SFT; see the module doc.
     """
+    preference = preference_beta is not None
+    if preference:
+        if not preference_beta > 0:
+            raise AxolotlConfigError(f"preference_beta must be > 0 (got {preference_beta})")
+        if cfg.sample_packing:
+            raise AxolotlConfigError("axolotl.sample_packing does not work with DPO (Axolotl refuses rl + "
+                                     "sample_packing); set it false for the preference stage")
+        if init_adapter is not None:
+            raise AxolotlConfigError("init_adapter with DPO: Axolotl 0.19 loads only the LoRA config under "
+                                     "rl: dpo and would drop the adapter's weights; merge the adapter into "
+                                     "the base model and train DPO on the merged model instead")
+    dataset = _preference_dataset if preference else _dataset
     device = resolve_device(cfg)
     model_cfg = _model_limits(str(base_model))
     max_pos = model_cfg.get("max_position_embeddings")
@@ -169,7 +201,7 @@ def render_axolotl_yaml(
     out: dict[str, Any] = {
         "base_model": str(Path(base_model).resolve()) if Path(base_model).exists() else str(base_model),
         "trust_remote_code": False,
-        "datasets": [_dataset(_require_file(dataset_path, "training data"))],
+        "datasets": [dataset(_require_file(dataset_path, "training data"))],
         "dataset_prepared_path": str(prepared),
         "dataset_num_proc": cfg.dataset_num_proc,
         "shuffle_merged_datasets": True,
@@ -213,11 +245,10 @@ def render_axolotl_yaml(
     if cfg.max_steps is not None:
         out["max_steps"] = cfg.max_steps
     if eval_path is not None:
-        out["test_datasets"] = [_dataset(_require_file(eval_path, "eval data"))]
+        out["test_datasets"] = [dataset(_require_file(eval_path, "eval data"))]
     if eval_path is not None or cfg.val_set_size > 0:
-        out["eval_strategy"] = "steps" if cfg.eval_steps else "epoch"
-        if cfg.eval_steps:
-            out["eval_steps"] = cfg.eval_steps
+        out["eval_strategy"] = "steps"
+        out["eval_steps"] = cfg.eval_steps or cfg.save_steps
     elif cfg.eval_steps:
         raise AxolotlConfigError("axolotl.eval_steps is set but there is nothing to evaluate on: "
                                  "set axolotl.val_set_size > 0 or pass an eval file")
@@ -242,6 +273,9 @@ def render_axolotl_yaml(
             raise AxolotlConfigError("init_adapter must not be the checkpoint being resumed "
                                      "(PEFT would wrap it twice)")
         out["lora_model_dir"] = str(adapter)
+    if preference:
+        # the prompt and both answers are rendered with the base model's own template, as for SFT
+        out.update(rl="dpo", rl_beta=float(preference_beta), chat_template="tokenizer_default")
     if mlflow is not None:
         out.update(mlflow_tracking_uri=mlflow.tracking_uri, mlflow_experiment_name=mlflow.experiment_name,
                    hf_mlflow_log_artifacts=False)  # checkpoints go to the artifact store, not MLflow
@@ -280,6 +314,41 @@ def write_chat_jsonl(rows: list[dict[str, Any]], path: str | Path, source: str =
         if not any(m["role"] == "assistant" for m in msgs):
             raise AxolotlConfigError(f"{where}: no assistant turn, nothing to learn from")
         lines.append(json.dumps({"messages": [{"role": m["role"], "content": m["content"]} for m in msgs]}))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def write_preference_jsonl(rows: list[dict[str, Any]], path: str | Path, source: str = "pairs") -> Path:
+    """Preference pairs -> the JSONL Axolotl's DPO chat_template.default reads: `messages` (the prompt turns,
+    ending with the user's), `chosen` and `rejected` (the two assistant answers, non-empty and different).
+    Bad rows are named by index before Axolotl runs."""
+    if not rows:
+        raise AxolotlConfigError(f"{source}: no preference pairs to train on")
+    lines = []
+    for i, row in enumerate(rows):
+        row = row if isinstance(row, dict) else {}
+        where = f"{source} row {i}" + (f" (id {row['id']!r})" if "id" in row else "")
+        msgs = row.get("messages")
+        if not isinstance(msgs, list) or not msgs:
+            raise AxolotlConfigError(f"{where}: 'messages' must be a non-empty list of prompt turns")
+        for j, m in enumerate(msgs):
+            if not (isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str)):
+                raise AxolotlConfigError(f"{where}: messages[{j}] needs role in {ROLES} and string content, "
+                                         f"got {m!r}")
+        if msgs[-1]["role"] != "user":
+            raise AxolotlConfigError(f"{where}: the prompt turns must end with the user's (the answers are "
+                                     "'chosen' and 'rejected')")
+        answers = [row.get("chosen"), row.get("rejected")]
+        for name, answer in zip(("chosen", "rejected"), answers, strict=True):
+            # Axolotl's length filter raises on an empty answer
+            if not isinstance(answer, str) or not answer.strip():
+                raise AxolotlConfigError(f"{where}: '{name}' must be a non-empty string")
+        if answers[0].strip() == answers[1].strip():
+            raise AxolotlConfigError(f"{where}: 'chosen' and 'rejected' are the same answer")
+        lines.append(json.dumps({"messages": [{"role": m["role"], "content": m["content"]} for m in msgs],
+                                 "chosen": answers[0], "rejected": answers[1]}))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")

@@ -283,7 +283,7 @@ keys = ("base_model", "adapter", "load_in_4bit", "sequence_len", "micro_batch_si
         "gradient_accumulation_steps", "batch_size", "num_epochs", "max_steps", "learning_rate",
         "lr_scheduler", "optimizer", "bf16", "fp16", "lora_r", "lora_alpha", "lora_target_linear",
         "lora_target_modules", "lora_mlp_kernel", "output_dir", "resume_from_checkpoint",
-        "lora_model_dir", "use_mlflow", "device")
+        "lora_model_dir", "use_mlflow", "device", "rl", "rl_beta", "chat_template")
 out = {k: cfg.get(k) for k in keys}
 out["dataset_types"] = [d.get("type") for d in cfg.get("datasets") or []]
 print("FORGE_AXOLOTL_CONFIG " + json.dumps(out, default=str), flush=True)

@@ -1,10 +1,14 @@
 """Local teachers: OpenAI-compatible servers a task starts on a free loopback port, so the demo and the tests
 use the same HTTP client as production (forge.modifiers.teachers) with no keys.
 
-- `llama_server(gguf)`: llama-cpp-python's own server (`python -m llama_cpp.server`, the `[server]` extra)
-  in a subprocess, serving a GGUF (e.g. the run's 2C output) under a model alias.
+- `llama_server(gguf)`: llama-cpp-python's own server (`llama_cpp.server`, the `[server]` extra; started
+  through forge.evaluate.llama_cpp_params.SERVER_MAIN) in a subprocess, serving a GGUF (e.g. the run's 2C
+  output) under a model alias.
 - `reference_server(rows)`: answers each prompt with the matching suite row's reference answer (looked up by
-  the last user message), the demo's top tier. Unknown prompts get HTTP 422: the solver has no answer.
+  the last user message), the demo's top tier. Unknown prompts get HTTP 422: the solver has no answer. It also
+  answers 1C's critique requests about a known prompt (`critique_reply`: the checker's verdict + reference).
+- `rubric_judge_server(rows)`: the demo's judge: scores the answer in a judge prompt "Score: N" against the
+  judged row's rubric constraints (or its checker); unknown tasks and non-judge prompts get HTTP 422.
 - `chat_server(respond)`: the small stdlib server both the reference solver and the tests' fault-injecting
   servers are built on (ThreadingHTTPServer in a daemon thread).
 Each is a context manager yielding a LocalEndpoint; leaving the block stops the server.
@@ -30,6 +34,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+from forge.evaluate.llama_cpp_params import SERVER_MAIN
 from forge.modifiers.teacher_config import TeacherConfig
 
 log = logging.getLogger("forge.teachers")
@@ -187,20 +192,25 @@ def last_user_message(messages: Iterable[Mapping[str, Any]]) -> str | None:
     return users[-1] if users else None
 
 
-def reference_responder(rows: Iterable[Mapping[str, Any]], model: str) -> Responder:
-    """Answers with the reference of the row whose last user message matches (whitespace-normalized)."""
+def reference_responder(rows: Iterable[Mapping[str, Any]], model: str, critiques: bool = True) -> Responder:
+    """Answers with the reference of the row whose last user message matches (whitespace-normalized).
+    critiques: also answer 1C's critique requests about a known prompt (critique_reply)."""
     from forge.data.records import prompt_messages, reference
 
     answers: dict[str, str] = {}
+    known: dict[str, dict[str, Any]] = {}
     for row in rows:
         prompt = last_user_message(prompt_messages(dict(row)))
         if prompt is None:
             raise LocalServerError(f"row {row.get('id', '?')!r} has no user message to find its reference by")
         answers.setdefault(_key(prompt), reference(dict(row)))
+        known.setdefault(_key(prompt), dict(row))
 
     def respond(body: dict[str, Any], headers: Mapping[str, str]) -> ChatResponse:
         prompt = last_user_message(body["messages"])
         answer = answers.get(_key(prompt)) if prompt is not None else None
+        if answer is None and critiques:
+            answer = critique_reply(body["messages"], known)
         if answer is None:
             return ChatResponse(422, error_body("the reference solver has no reference answer for this "
                                                 "prompt"))
@@ -212,10 +222,75 @@ def reference_responder(rows: Iterable[Mapping[str, Any]], model: str) -> Respon
     return respond
 
 
+def critique_reply(messages: Iterable[Mapping[str, Any]],
+                   known: Mapping[str, Mapping[str, Any]]) -> str | None:
+    """The reference solver's critique mode: a critique request (forge.train.distillation's format: question
+    turns, the student's answer, the request) about a known prompt gets the suite checker's verdict on the
+    student's answer and the row's reference as the final answer. None for anything else."""
+    from forge.data.records import reference
+    from forge.data.suites import check_answer
+    from forge.train.distillation import format_critique, split_critique
+
+    parts = split_critique(list(messages))
+    if parts is None:
+        return None
+    question, student = parts
+    prompt = last_user_message(question)
+    row = known.get(_key(prompt)) if prompt is not None else None
+    if row is None:
+        return None
+    check = check_answer({**row, "check": row.get("check") or {"kind": "reference"}}, student)
+    return format_critique(check.correct, f"The suite's checker says: {check.detail}.", reference(dict(row)))
+
+
 @contextlib.contextmanager
 def reference_server(rows: Iterable[Mapping[str, Any]], model: str = "reference") -> Iterator[LocalEndpoint]:
     """The suites' reference solvers as an OpenAI-compatible endpoint over `rows` (records schema)."""
     with chat_server(reference_responder(rows, model), (model,)) as endpoint:
+        yield endpoint
+
+
+# ---- the rubric judge ----------------------------------------------------------------------------------
+
+def rubric_judge_responder(rows: Iterable[Mapping[str, Any]], model: str) -> Responder:
+    """Scores the answer in a judge prompt (forge.modifiers.judge.judge_messages) against the row whose prompt
+    is the judged task: "Score: N", N = rubric_score for rubric rows, 10 or 0 by check_answer for others."""
+    from forge.data.records import prompt_messages
+    from forge.data.suites.checks import check_answer, rubric_score
+    from forge.modifiers.judge import parse_judge_prompt
+
+    by_prompt: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        prompt = last_user_message(prompt_messages(dict(row)))
+        if prompt is None:
+            raise LocalServerError(f"row {row.get('id', '?')!r} has no user message to find it by")
+        by_prompt.setdefault(_key(prompt), dict(row))
+
+    def respond(body: dict[str, Any], headers: Mapping[str, str]) -> ChatResponse:
+        text = last_user_message(body["messages"])
+        parsed = parse_judge_prompt(text) if text is not None else None
+        if parsed is None:
+            return ChatResponse(422, error_body("the rubric judge only grades judge prompts "
+                                                "(forge.modifiers.judge.judge_messages); this is not one"))
+        task, answer = parsed
+        row = by_prompt.get(_key(task))
+        if row is None:
+            return ChatResponse(422, error_body("the rubric judge has no row for this task, so no rubric to "
+                                                "score it by"))
+        result = check_answer(row, answer)
+        rubric = row["check"]["kind"] == "rubric"
+        score = rubric_score(row["check"], answer) if rubric else 10.0 * result.correct
+        reply = f"{result.detail}\nScore: {round(score, 1):g}"
+        return ChatResponse(200, chat_completion(model, reply, prompt_tokens_of(body["messages"])))
+
+    return respond
+
+
+@contextlib.contextmanager
+def rubric_judge_server(rows: Iterable[Mapping[str, Any]],
+                        model: str = "rubric-judge") -> Iterator[LocalEndpoint]:
+    """The rubric judge over `rows` (records schema) as an OpenAI-compatible endpoint."""
+    with chat_server(rubric_judge_responder(rows, model), (model,)) as endpoint:
         yield endpoint
 
 
@@ -292,7 +367,7 @@ def llama_server(model_path: str | Path, alias: str | None = None, *, n_ctx: int
     try:
         for _ in range(3):  # another process may take the free port before the server binds it
             port = free_port()
-            cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(model_path),
+            cmd = [sys.executable, "-c", SERVER_MAIN, "--model", str(model_path),
                    "--model_alias", alias, "--host", LOOPBACK, "--port", str(port), "--n_ctx", str(n_ctx),
                    "--n_threads", str(n_threads), "--n_threads_batch", str(n_threads),
                    "--n_batch", str(n_batch), "--verbose", "False"]

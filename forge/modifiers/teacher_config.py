@@ -3,7 +3,9 @@
 A teacher is an OpenAI-compatible chat endpoint. Three kinds share one HTTP client (forge.modifiers.teachers):
 - "openai":      a remote endpoint (OpenAI, DeepSeek, OpenRouter, self-hosted vLLM...), priced per 1K tokens;
 - "local_model": our own model behind a loopback server the task starts (llama.cpp's server on a GGUF);
-- "reference":   the task suites' reference solvers behind a loopback server, the demo's top tier.
+- "reference":   the task suites' reference solvers behind a loopback server, the demo's top tier;
+- "rubric":      a loopback judge that scores answers 0-10 against the suite row's rubric (the demo's judge
+                 for domains without program-checkable answers; production names a hosted model as judge).
 Local kinds get their base_url when the task starts their server (`TeacherConfig.at(...)`).
 
 Per domain, tiers name teachers cheapest first; the cascade sends everything to tier 1 and only what fails
@@ -24,8 +26,8 @@ from pydantic import Field, field_validator, model_validator
 
 from forge.config_base import Strict
 
-TeacherKind = Literal["openai", "local_model", "reference"]
-LOCAL_KINDS = ("local_model", "reference")
+TeacherKind = Literal["openai", "local_model", "reference", "rubric"]
+LOCAL_KINDS = ("local_model", "reference", "rubric")
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 _ENV_VAR = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -58,6 +60,9 @@ class TeacherConfig(Strict):
     max_tokens_param: Literal["max_tokens", "max_completion_tokens"] = "max_tokens"
     logprobs: bool = False  # ask for token logprobs: confidence = exp(mean token logprob)
     system_prompt: str | None = None  # prepended when the item's messages have no system message
+    # local_model only: which of the run's weights the loopback server serves: "compressed" = 2C's Q5_K_M
+    # GGUF, "recovered" = the same with 2E's recovery LoRA (the compressed base as it ships)
+    weights: Literal["compressed", "recovered"] = "compressed"
     extra_body: dict[str, Any] = {}  # provider-specific request fields (e.g. reasoning_effort)
 
     @field_validator("base_url")
@@ -90,6 +95,8 @@ class TeacherConfig(Strict):
         if self.backoff_max_s < self.backoff_base_s:
             raise ValueError(f"backoff_max_s ({self.backoff_max_s}) must be >= "
                              f"backoff_base_s ({self.backoff_base_s})")
+        if self.kind != "local_model" and self.weights != "compressed":
+            raise ValueError("weights applies to local_model teachers only")
         if self.kind in LOCAL_KINDS and (self.api_key_env or self.conn_id):
             raise ValueError(f"a {self.kind!r} teacher runs on loopback and takes no key; "
                              "drop api_key_env/conn_id")
@@ -139,20 +146,29 @@ class TierConfig(Strict):
 
 DEMO_DOMAINS = ("general", "code", "reasoning", "automation", "math", "hard_math", "science", "finance",
                 "creative")
+MAX_TIERS = 3  # the plan's 3-tier cascade: the modifiers' subphases B, C, D
 
 
 def _demo_teachers() -> dict[str, TeacherConfig]:
+    local = {"kind": "local_model", "timeout_s": 120.0, "max_retries": 2, "backoff_base_s": 0.5,
+             "backoff_max_s": 5.0, "max_tokens": 256}
     return {
-        # our own model (the run's GGUF) behind llama.cpp's server; one thread, so one request at a time
-        "local": TeacherConfig(name="local", kind="local_model", model="forge-local", timeout_s=120.0,
-                               max_retries=2, backoff_base_s=0.5, backoff_max_s=5.0, max_tokens=256),
+        # our own model behind llama.cpp's server (one thread, so one request at a time): the Q5_K_M GGUF,
+        # then the same with its recovery LoRA, then the suites' reference solvers
+        "compressed": TeacherConfig(name="compressed", model="forge-compressed", weights="compressed",
+                                    **local),
+        "recovered": TeacherConfig(name="recovered", model="forge-recovered", weights="recovered", **local),
         "reference": TeacherConfig(name="reference", kind="reference", model="reference", timeout_s=30.0,
                                    max_retries=2, backoff_base_s=0.2, backoff_max_s=2.0),
+        "rubric": TeacherConfig(name="rubric", kind="rubric", model="rubric-judge", timeout_s=30.0,
+                                max_retries=2, backoff_base_s=0.2, backoff_max_s=2.0),
     }
 
 
 def _demo_domains() -> dict[str, list[TierConfig]]:
-    return {d: [TierConfig(teacher="local", concurrency=1), TierConfig(teacher="reference", concurrency=4)]
+    return {d: [TierConfig(teacher="compressed", concurrency=1),
+                TierConfig(teacher="recovered", concurrency=1),
+                TierConfig(teacher="reference", concurrency=4)]
             for d in DEMO_DOMAINS}
 
 
@@ -201,11 +217,17 @@ class CascadeConfig(Strict):
                 raise ValueError(f"domains.{domain}: a domain name is lowercase letters, digits and _")
             if not tiers:
                 raise ValueError(f"domains.{domain}: needs at least one tier")
+            if len(tiers) > MAX_TIERS:
+                raise ValueError(f"domains.{domain}: {len(tiers)} tiers; at most {MAX_TIERS} (the modifiers' "
+                                 "subphases B, C, D run one tier each)")
             names = [t.teacher for t in tiers]
             for i, name in enumerate(names, 1):
                 if name not in self.teachers:
                     raise ValueError(f"domains.{domain} tier {i}: teacher {name!r} is not defined under "
                                      f"teachers (defined: {sorted(self.teachers)})")
+                if self.teachers[name].kind == "rubric":
+                    raise ValueError(f"domains.{domain} tier {i}: {name!r} is a rubric judge: it scores "
+                                     "answers (modifiers.domains.<d>.judge), it does not write them")
                 if self.teachers[name].kind == "reference" and i != len(names):
                     raise ValueError(f"domains.{domain} tier {i}: the reference teacher {name!r} can only be "
                                      "the last tier (it answers only what a suite has a reference for)")

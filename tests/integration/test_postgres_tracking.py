@@ -40,6 +40,7 @@ def test_runs_and_registry_on_postgres(forge_home: Path, pg_database: str,
 
     monkeypatch.setattr(forge.phases, "BY_ID", {p.id: p for p in FAKE_PHASES})
     monkeypatch.setattr(forge.phases, "PHASES", FAKE_PHASES)
+    monkeypatch.setattr(forge.phases, "_default_catalog", dict)  # no modifier TaskGroups
     cfg = load_config(profile="demo", overrides={"tracking": {"tracking_uri": pg_database}})
     run_phase("fa", cfg, "pg-run", track=True)
     run_phase("fb", cfg, "pg-run", track=True)

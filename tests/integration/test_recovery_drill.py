@@ -31,7 +31,7 @@ import pytest
 from forge.artifacts import Manifest
 from forge.config import PipelineConfig, deep_merge, load_config
 from forge.modifiers.local_teachers import free_port
-from forge.phases import PHASES, get_phase
+from forge.phases import get_phase, pipeline_phases
 from tests.conftest import REPO, TINY_OVERRIDES
 
 pytestmark = pytest.mark.services
@@ -62,11 +62,11 @@ def ancestors(phase_id: str) -> set[str]:
 
 
 def descendants(phase_id: str) -> set[str]:
-    return {p.id for p in PHASES if phase_id in ancestors(p.id)}
+    return {p.id for p in pipeline_phases() if phase_id in ancestors(p.id)}
 
 
 def skipped_by_default(cfg: PipelineConfig) -> set[str]:
-    return {p.id for p in PHASES if p.skip and p.skip(cfg)}
+    return {p.id for p in pipeline_phases() if p.skip and p.skip(cfg)}
 
 
 # ---- the stack -----------------------------------------------------------------------------------
@@ -120,7 +120,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             if up.returncode != 0:
                 pytest.fail(f"the stack did not start:\n{up.stdout[-3000:]}\n{up.stderr[-3000:]}")
             s = Stack(home, env, f"http://127.0.0.1:{airflow_port}", f"http://127.0.0.1:{mlflow_port}",
-                      load_config(profile="demo", overrides=TINY_OVERRIDES))
+                      load_config(profile="demo", overrides=deep_merge(TINY_OVERRIDES, DRILL_SCOPE)))
             s.client = AirflowClient(s.airflow_url, password="admin")
             for dag_id in (MANUAL_DAG, SCHEDULED_DAG):
                 s.client.wait_for_dag(dag_id, timeout_s=180, poll_s=POLL_S)
@@ -144,8 +144,12 @@ class RunRecord:
         return self.tis[task_id(phase_id)].get("state")
 
 
+# the drill is about compression: 1C and the modifiers (tested end to end elsewhere) skip, saying why
+DRILL_SCOPE = {"distill": {"enabled": False}, "modifiers": {"enabled": []}}
+
+
 def drill_conf(**extra: Any) -> dict[str, Any]:
-    return {"profile": "demo", "overrides": deep_merge(TINY_OVERRIDES, extra)}
+    return {"profile": "demo", "overrides": deep_merge(deep_merge(TINY_OVERRIDES, DRILL_SCOPE), extra)}
 
 
 def wait_for_run(stack: Stack, dag_id: str, run_id: str, restarted: bool = False) -> RunRecord:
@@ -168,7 +172,7 @@ def wait_for_run(stack: Stack, dag_id: str, run_id: str, restarted: bool = False
         time.sleep(POLL_S)
     tis = {t["task_id"]: t for t in client.task_instances(dag_id, run_id)}
     store = stack.store()
-    manifests = {p.id: m for p in PHASES if (m := store.run_manifest(run_id, p.id)) is not None}
+    manifests = {p.id: m for p in pipeline_phases() if (m := store.run_manifest(run_id, p.id)) is not None}
     return RunRecord(dag_id, run_id, run["state"], tis, manifests)
 
 
@@ -215,7 +219,7 @@ def expected_first_attempt(cfg: PipelineConfig) -> dict[str, str]:
     """Task states of a run whose PHASE failed: downstream blocked, everything else done."""
     skipped = skipped_by_default(cfg)
     out = {}
-    for p in PHASES:
+    for p in pipeline_phases():
         if p.id == PHASE:
             out[task_id(p.id)] = "failed"
         elif p.id in descendants(PHASE):
@@ -227,7 +231,7 @@ def expected_first_attempt(cfg: PipelineConfig) -> dict[str, str]:
 
 def expected_success(cfg: PipelineConfig) -> dict[str, str]:
     skipped = skipped_by_default(cfg)
-    return {task_id(p.id): "skipped" if p.id in skipped else "success" for p in PHASES}
+    return {task_id(p.id): "skipped" if p.id in skipped else "success" for p in pipeline_phases()}
 
 
 # ---- (a) a fault fails the run at PHASE ---------------------------------------------------------
@@ -281,7 +285,7 @@ def test_b_clearing_reruns_the_phase_and_its_downstream_only(stack: Stack, recov
         failure_logs(stack, after)
     assert after.state == "success"
     assert after.tis[task_id(PHASE)]["try_number"] == 2
-    for p in PHASES:
+    for p in pipeline_phases():
         if p.id in rerun:
             continue
         tid = task_id(p.id)
@@ -315,7 +319,7 @@ def test_c_uninterrupted_run_recomputes_to_identical_artifacts(stack: Stack, rec
     skipped = skipped_by_default(stack.cfg)
     rows = ledger(stack, fresh.run_id)
     differing = {}
-    for p in PHASES:
+    for p in pipeline_phases():
         a, b = recovered.manifests[p.id], fresh.manifests[p.id]
         assert a.cache_key == b.cache_key, p.id
         if p.id in skipped:
@@ -411,7 +415,7 @@ def test_d_backfill_reprocesses_the_failed_run_from_the_cache(stack: Stack, back
     assert done.state == "success"
     assert done.tis[task_id(PHASE)]["try_number"] == 2
     rows, statuses = ledger(stack, done.run_id), mlflow_phase_statuses(stack, done.run_id)
-    for p in PHASES:
+    for p in pipeline_phases():
         if p.id in skipped_by_default(stack.cfg):
             continue
         # nothing computed again: every task (PHASE too, done by (b)/(c)) reused its outputs

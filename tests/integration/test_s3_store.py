@@ -42,6 +42,7 @@ def bucket(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> str:
 def fake_registry(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(forge.phases, "BY_ID", {p.id: p for p in FAKE_PHASES})
     monkeypatch.setattr(forge.phases, "PHASES", FAKE_PHASES)
+    monkeypatch.setattr(forge.phases, "_default_catalog", dict)  # no modifier TaskGroups
 
 
 def s3_cfg(bucket: str, endpoint: str, **over):

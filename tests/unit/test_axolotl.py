@@ -18,30 +18,18 @@ from forge.modifiers.axolotl_config import (
     render_axolotl_yaml,
     write_axolotl_yaml,
     write_chat_jsonl,
+    write_preference_jsonl,
 )
 from forge.modifiers.axolotl_runner import (
     AxolotlError,
     AxolotlResult,
-    axolotl_bin_dir,
     run_axolotl,
     stage_checkpoint,
     validate_yaml,
 )
+from tests.axolotl_env import needs_axolotl
 from tests.tiny_model import save_tiny_model
 from tests.unit.test_pruning import make_rows
-
-
-def _axolotl_missing() -> str | None:
-    try:
-        axolotl_bin_dir()
-    except AxolotlError as e:
-        return str(e)
-    return None
-
-
-MISSING = _axolotl_missing()
-needs_axolotl = pytest.mark.skipif(MISSING is not None, reason=f"Axolotl's runtime is missing ({MISSING}); "
-                                   "scripts/setup_axolotl.sh (run by `make setup`) creates it")
 
 # 4 optimizer steps, a checkpoint every 2: enough to see the loss move and to resume half-way
 TRAIN = dict(adapter="qlora", sequence_len=64, micro_batch_size=4, max_steps=4, save_steps=2, logging_steps=1,
@@ -89,7 +77,7 @@ def test_invalid_knobs_fail_with_our_message_before_axolotl_runs(tiny: Path) -> 
     # Axolotl's own loader accepts micro_batch_size 0 (and divides by it later): ours names the field
     for bad, why in (({"micro_batch_size": 0}, "micro_batch_size"), ({"lora_dropout": 1.0}, "lora_dropout"),
                      ({"adapter": "dora"}, "adapter"), ({"lora_rank": 8}, "lora_rank"),
-                     ({"sample_packing": True}, "sample_packing needs attention='flash'")):
+                     ({"sample_packing": True, "attention": "eager"}, "sample_packing needs attention")):
         with pytest.raises(ValidationError, match=why):
             AxolotlConfig(**{**TRAIN, **bad})
     with pytest.raises(AxolotlConfigError, match="sequence_len=512 exceeds .*max_position_embeddings=128"):
@@ -128,6 +116,39 @@ def test_rendered_yaml_passes_axolotls_own_loader(tiny: Path) -> None:
     broken = {**render(tiny, "validate", cfg), "load_in_4bit": False}
     with pytest.raises(AxolotlError, match="Require cfg.load_in_4bit to be True for qlora"):
         validate_yaml(write_axolotl_yaml(broken, tiny / "broken.yaml"))
+
+
+def pairs(n: int) -> list[dict[str, Any]]:
+    """Preference rows: the prompt turns, the right sum as chosen, an off-by-one as rejected."""
+    return [{"id": r["id"], "messages": r["messages"][:-1], "chosen": r["messages"][-1]["content"],
+             "rejected": str(int(r["messages"][-1]["content"]) + 1)} for r in make_rows(n)]
+
+
+@needs_axolotl
+def test_dpo_yaml_passes_axolotls_own_loader(tiny: Path) -> None:
+    write_preference_jsonl(pairs(8), tiny / "pairs.jsonl")
+    cfg = AxolotlConfig(**{**TRAIN, "adapter": "lora"})
+    rendered = render_axolotl_yaml(cfg, base_model=tiny / "model", dataset_path=tiny / "pairs.jsonl",
+                                   output_dir=tiny / "dpo", prepared_dir=tiny / "prepared-dpo",
+                                   preference_beta=0.2)
+    seen = validate_yaml(write_axolotl_yaml(rendered, tiny / "dpo.yaml"))
+    assert (seen["rl"], seen["rl_beta"]) == ("dpo", 0.2)
+    assert seen["dataset_types"] == ["chat_template.default"] and seen["chat_template"] == "tokenizer_default"
+    assert seen["adapter"] == "lora" and seen["lora_mlp_kernel"] is False
+
+    # refused with our reason before Axolotl runs: a warm start Axolotl would silently drop, and bad pairs
+    (tiny / "warm").mkdir(exist_ok=True)
+    (tiny / "warm" / "adapter_config.json").write_text("{}")
+    with pytest.raises(AxolotlConfigError, match="init_adapter with DPO: .*drop the adapter's weights"):
+        render_axolotl_yaml(cfg, base_model=tiny / "model", dataset_path=tiny / "pairs.jsonl",
+                            output_dir=tiny / "dpo", init_adapter=tiny / "warm", preference_beta=0.2)
+    good = pairs(2)
+    for bad, why in (({"rejected": good[0]["chosen"]}, "are the same answer"),
+                     ({"rejected": "  "}, "'rejected' must be a non-empty string"),
+                     ({"messages": [*good[0]["messages"], {"role": "assistant", "content": "x"}]},
+                      "must end with the user's")):
+        with pytest.raises(AxolotlConfigError, match=why):
+            write_preference_jsonl([good[1], {**good[0], **bad}], tiny / "bad-pairs.jsonl")
 
 
 # ---------------------------------------------------------------- training and resume

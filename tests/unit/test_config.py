@@ -79,3 +79,52 @@ def test_cli_set_parses_nested_yaml_values() -> None:
         "train": {"max_steps": 5}, "domains": ["code", "reasoning"]}
     with pytest.raises(ConfigError, match="KEY=VALUE"):
         parse_sets(["train.max_steps"])
+
+
+# ---- teachers, distillation, modifiers ---------------------------------------------------------------
+def test_teacher_preset_and_modifier_catalog() -> None:
+    prod = load_config(profile="production")
+    assert [t.teacher for t in prod.teachers.domains["code"]] == ["qwen-coder", "deepseek", "gpt-5"]
+    assert prod.modifiers.domains["creative"].judge == "gpt-4o"  # the profile overrides one catalog field
+    assert prod.modifiers.domains["creative"].plan_id == "14E"  # ... and keeps the rest
+    demo = load_config(profile="demo")
+    assert demo.modifiers.enabled == ["code", "reasoning", "automation"]
+    assert {"math", "hard_math", "science", "finance", "creative"} <= set(demo.modifiers.domains)
+    assert [t.teacher for t in demo.teachers.domains["code"]] == ["compressed", "recovered", "reference"]
+    with pytest.raises(ConfigError, match=r"teachers: .*unknown preset 'gpt'"):
+        load_config(profile="demo", overrides={"teachers": "gpt"})
+
+
+def test_a_domain_cache_key_section_ignores_other_domains_teachers() -> None:
+    base = load_config(profile="demo")
+    tiers = {d: [t.model_dump() for t in ts] for d, ts in base.teachers.domains.items()}
+    other = load_config(profile="demo",
+                        overrides={"teachers": {"domains": {**tiers, "reasoning": ["reference"]}}})
+    assert base.section("teachers:code") == other.section("teachers:code")
+    assert base.section("teachers:reasoning") != other.section("teachers:reasoning")
+    # enabling another domain changes no enabled domain's sections either
+    more = load_config(profile="demo", overrides={"modifiers": {"enabled": ["code", "math"]}})
+    assert more.section("modifiers.domains.code") == base.section("modifiers.domains.code")
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({"modifiers": {"enabled": ["poetry"]}}, r"modifiers.*enabled: unknown domain\(s\) \['poetry'\]"),
+    ({"modifiers": {"domains": {"code": {"judge": "nobody"}}}}, r"judge: teacher 'nobody' is not defined"),
+    ({"modifiers": {"domains": {"code": {"judge": "reference"}}}}, r"'reference' is a reference solver"),
+    ({"modifiers": {"domains": {"code": {"suite": "poems"}}}}, r"no task suite 'poems'"),
+    ({"distill": {"cascade": "tutoring"}}, r"no tiers for \['tutoring'\]"),
+    ({"modifiers": {"domains": {"code": {"plan_id": "4"}}}}, r"plan_id \['4'\] used by more than one"),
+])
+def test_bad_modifier_and_teacher_config_names_the_field(overrides: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config(profile="demo", overrides=overrides)
+
+
+def test_a_remote_teacher_without_endpoint_fails_only_when_its_domain_runs() -> None:
+    teachers = {"teachers": {"mine": {"model": "m"}}, "domains": {"code": ["mine"]}}
+    # code's modifier and distillation off: nothing calls "mine" in this run
+    load_config(profile="demo", overrides={"teachers": teachers, "modifiers": {"enabled": []},
+                                           "distill": {"enabled": False}})
+    with pytest.raises(ConfigError, match=r"teacher 'mine' \(openai\) has no base_url"):
+        load_config(profile="demo", overrides={"teachers": teachers, "modifiers": {"enabled": ["code"]},
+                                               "distill": {"enabled": False}})

@@ -20,11 +20,13 @@ configure()
 
 from airflow.dag_processing.dagbag import DagBag  # noqa: E402
 
-from forge.phases import PHASES  # noqa: E402
+from forge.phases import pipeline_phases  # noqa: E402
+
+PHASES = pipeline_phases()  # the fixed phases + A-H per domain of config/pipeline.yaml
 
 DAG_IDS = ("forge_pipeline", "forge_pipeline_scheduled")
 HEAVY = ("torch", "transformers", "peft", "mlflow", "sklearn", "bitsandbytes", "sentence_transformers")
-PLAN_ID = re.compile(r"^\d+[A-Z]$")
+PLAN_ID = re.compile(r"^\d+[A-Z](\.[A-H])?$")
 
 
 def _dagbag() -> DagBag:
@@ -46,7 +48,7 @@ def test_tasks_groups_and_dependencies_follow_the_registry(dag_id: str) -> None:
     for p in PHASES:
         task = dag.get_task(f"{p.group}.{p.task_id}")
         if PLAN_ID.match(p.id):  # plan phases carry their id: "1A" -> "1a_..."
-            assert f"{p.id.lower()}_" in task.task_id
+            assert f"{p.id.lower().replace('.', '_')}_" in task.task_id
         by_id = {q.id: f"{q.group}.{q.task_id}" for q in PHASES}
         assert task.upstream_task_ids == {by_id[i] for i in p.inputs}
         assert task.trigger_rule == "none_failed"
@@ -55,7 +57,13 @@ def test_tasks_groups_and_dependencies_follow_the_registry(dag_id: str) -> None:
             assert (task.pool, task.queue, task.pool_slots) == ("gpu", "gpu", 1)
         else:
             assert task.pool != "gpu"
-    assert {"profile", "base_model", "domains", "datasets", "overrides"} <= set(dag.params)
+    assert {"profile", "base_model", "domains", "modifiers", "datasets", "overrides"} <= set(dag.params)
+    # one TaskGroup per configured domain, MVP and post-MVP alike (post-MVP ones skip unless enabled)
+    groups = {p.group for p in PHASES if p.domain}
+    assert {"phase3_code_modifier", "phase4_reasoning_modifier", "phase5_automation_modifier",
+            "phase14a_math_modifier", "phase14e_creative_modifier"} <= groups
+    assert dag.params.get_param("modifiers").schema["items"]["enum"] == [
+        "code", "reasoning", "automation", "math", "hard_math", "science", "finance", "creative"]
     assert dag.params.get_param("profile").schema["enum"] == ["demo", "production"]
     assert dag.catchup is False and dag.max_active_runs == 1
 

@@ -21,7 +21,7 @@ configure()
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException  # noqa: E402
 
 import forge.phases  # noqa: E402
-from forge.config import StorageConfig, load_config  # noqa: E402
+from forge.config import ConfigError, StorageConfig, load_config  # noqa: E402
 from forge.ledger import read_rows  # noqa: E402
 from forge.phases import Phase  # noqa: E402
 from forge.runner import JobContext, JobResult, make_store  # noqa: E402
@@ -57,6 +57,7 @@ FAKES = (
 def fake_registry(monkeypatch: pytest.MonkeyPatch, forge_home: Path) -> None:
     monkeypatch.setattr(forge.phases, "BY_ID", {p.id: p for p in FAKES})
     monkeypatch.setattr(forge.phases, "PHASES", FAKES)
+    monkeypatch.setattr(forge.phases, "_default_catalog", dict)  # no modifier TaskGroups
     CALLS.clear()
 
 
@@ -259,3 +260,41 @@ def test_summary_carries_the_mlflow_run_url_and_the_link_returns_it(
     seen.clear()
     assert link.get_link(executed, ti_key=ti_key).endswith("/runs/abc") and seen == {}
     assert any(isinstance(x, mlflow_link.MlflowRunLink) for x in ForgeJobOperator.operator_extra_links)
+
+
+# ---- modifiers form field and teacher keys -----------------------------------------------------------
+def test_modifiers_form_field_enables_domains_and_a_conf_dict_overrides_the_section() -> None:
+    profile, overrides = config_request({"profile": "demo", "modifiers": ["code", "math"]}, None)
+    cfg = load_config(profile=profile, overrides=overrides)
+    assert cfg.modifiers.enabled == ["code", "math"]
+    _, overrides = config_request({"profile": "demo", "modifiers": []}, None)
+    assert load_config(profile="demo", overrides=overrides).modifiers.enabled == []  # none this run
+    _, overrides = config_request({"modifiers": ["code"]}, {"modifiers": {"min_train_rows": 3}})
+    assert overrides["modifiers"] == {"min_train_rows": 3}  # a REST conf's section wins over the form
+    with pytest.raises(ConfigError, match="modifiers: a list"):
+        config_request({"modifiers": "code"}, None)
+    with pytest.raises(ConfigError, match=r"enabled: unknown domain\(s\) \['poetry'\]"):
+        load_config(profile="demo", overrides={"modifiers": {"enabled": ["poetry"]}})
+
+
+def test_teacher_keys_come_from_connections_and_only_for_the_phase_teachers(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from forge.phases import get_phase, modifier_phases
+    from operators.hooks.teachers import TeacherKeysHook
+
+    for conn, key in (("DASHSCOPE", "qk-1"), ("DEEPSEEK", "dk-2")):
+        conn_json = json.dumps({"conn_type": "generic", "password": key})
+        monkeypatch.setenv(f"AIRFLOW_CONN_FORGE_{conn}", conn_json)
+    monkeypatch.setenv("OPENAI_API_KEY", "already-set")  # a key in the worker's env wins
+    monkeypatch.delenv("DASHSCOPE_API_KEY", raising=False)
+    monkeypatch.delenv("DEEPSEEK_API_KEY", raising=False)
+    cfg = load_config(profile="production")
+    code = {p.step: p for p in modifier_phases("code", cfg.modifiers.domains["code"])}
+    # code's tiers: qwen-coder (dashscope) -> deepseek -> gpt-5 (openai, key already in env)
+    assert TeacherKeysHook(cfg, code["B"]).key_env() == {"DASHSCOPE_API_KEY": "qk-1",
+                                                         "DEEPSEEK_API_KEY": "dk-2"}
+    assert TeacherKeysHook(cfg, code["F"]).key_env() == {}  # rendering YAML calls no teacher
+    assert TeacherKeysHook(cfg, get_phase("9A", cfg)).key_env() == {}  # a phase without teachers
+    monkeypatch.setenv("AIRFLOW_CONN_FORGE_DASHSCOPE", json.dumps({"conn_type": "generic"}))
+    with pytest.raises(ValueError, match="'forge_dashscope' has no password"):
+        TeacherKeysHook(cfg, code["B"]).key_env()

@@ -18,6 +18,7 @@ from tests.fake_jobs import FAKE_PHASES, calls
 def fake_registry(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(forge.phases, "BY_ID", {p.id: p for p in FAKE_PHASES})
     monkeypatch.setattr(forge.phases, "PHASES", FAKE_PHASES)
+    monkeypatch.setattr(forge.phases, "_default_catalog", dict)  # no modifier TaskGroups
 
 
 def cfg(**over):

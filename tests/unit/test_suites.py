@@ -58,11 +58,13 @@ def test_rows_are_valid_short_and_unique_within_a_split(domain: str) -> None:
 
 @pytest.mark.parametrize("domain", DOMAINS)
 def test_references_pass_and_other_rows_answers_fail(domain: str) -> None:
-    rows = generate(domain, N_CHECKED[domain], 5, "heldout")
+    rows = generate(domain, N_CHECKED.get(domain, 300), 5, "heldout")
     for i, row in enumerate(rows):
         ok = check_answer(row, reference(row))
         assert ok.correct, (row["id"], reference(row), ok.detail)
-        other = rows[(i + 1) % len(rows)]
+        # another template's row: within one creative template an answer can rightly satisfy two prompts
+        others = [r for r in rows[i + 1:] + rows[:i] if r.get("task") != row.get("task")] or rows[i + 1:i + 2]
+        other = others[0] if others else row
         if reference(other) != reference(row) and other["check"] != row["check"]:
             wrong = check_answer(row, reference(other))
             assert not wrong.correct, (row["id"], reference(other), wrong.detail)

@@ -349,11 +349,12 @@ def test_llama_cpp_server_answers_a_chat_request(tiny_gguf: Path, tmp_path: Path
     rows = sum_rows(3)
     demo = CascadeConfig()
     with llama_server(tiny_gguf, n_ctx=128) as ep, reference_server(rows) as ref:
-        small = TeacherConfig.model_validate({**demo.teachers["local"].model_dump(), "max_tokens": 8})
-        started = {"local": ep.bind(small), "reference": ref.bind(demo.teachers["reference"])}
-        result = run_cascade(rows, tiers_from_config(demo, "reasoning", started))
+        small = TeacherConfig.model_validate({**demo.teachers["compressed"].model_dump(), "max_tokens": 8})
+        started = {"compressed": ep.bind(small), "reference": ref.bind(demo.teachers["reference"])}
+        # the GGUF tier, then the reference solver (the demo's middle tier needs a recovery LoRA)
+        result = run_cascade(rows, tiers_from_config(demo, "reasoning", started)[::2])
     s1, s2 = result.tiers
-    assert (s1.teacher, s1.sent, s1.errors, s2.teacher) == ("local", 3, 0, "reference")
+    assert (s1.teacher, s1.sent, s1.errors, s2.teacher) == ("compressed", 3, 0, "reference")
     assert s1.accepted + s2.accepted == 3 and s2.sent == s1.rejected and result.cost_usd == 0
     junk = tmp_path / "junk.gguf"
     junk.write_bytes(b"not a gguf file" * 10)
@@ -406,13 +407,14 @@ def test_plan_tiers_and_config_validation() -> None:
     with pytest.raises(TeacherConfigError, match=r"'fingpt' \(openai\) has no base_url: set teachers\."):
         plan.check_domains(["finance"])
     demo = CascadeConfig()
-    assert [t.name for _, t in demo.tiers_for("code")] == ["local", "reference"]
-    assert set(demo.local_teachers(["code", "reasoning"])) == {"local", "reference"}
+    assert [t.name for _, t in demo.tiers_for("code")] == ["compressed", "recovered", "reference"]
+    assert [t.weights for _, t in demo.tiers_for("code")[:2]] == ["compressed", "recovered"]
+    assert set(demo.local_teachers(["code", "reasoning"])) == {"compressed", "recovered", "reference"}
     with pytest.raises(TeacherConfigError, match="has no base_url: the task sets it"):
-        TeacherClient(demo.teachers["local"])
+        TeacherClient(demo.teachers["compressed"])
     started = {"reference": demo.teachers["reference"].at("http://127.0.0.1:9/v1")}
     tiers = tiers_from_config(CascadeConfig(min_confidence=0.3), "code", started)
-    assert tiers[1].teacher.base_url == "http://127.0.0.1:9/v1" and tiers[0].min_confidence == 0.3
+    assert tiers[2].teacher.base_url == "http://127.0.0.1:9/v1" and tiers[0].min_confidence == 0.3
 
     def bad(match: str, **data: Any) -> None:
         with pytest.raises(ValueError, match=match):
@@ -425,6 +427,11 @@ def test_plan_tiers_and_config_validation() -> None:
     bad(r"teachers.a.name is 'z'; it must equal its key", teachers={"a": {"name": "z", "model": "m"}})
     bad(r"appears twice", teachers=one, domains={"code": ["a", "a"]})
     bad(r"at least one tier", teachers=one, domains={"code": []})
+    four = {n: {"model": "m", "base_url": "https://x.test/v1"} for n in "abcd"}
+    bad(r"4 tiers; at most 3", teachers=four, domains={"code": list("abcd")})
+    bad(r"is a rubric judge", teachers={**one, "j": {"model": "m", "kind": "rubric"}},
+        domains={"code": ["j"]})
+    bad(r"weights applies to local_model", teachers={"a": {"model": "m", "weights": "recovered"}})
     bad(r"must be an http\(s\):// URL", teachers={"a": {"model": "m", "base_url": "api.openai.com"}})
     bad(r"environment variable name", teachers={"a": {"model": "m", "api_key_env": "sk-123"}})
     bad(r"takes no key", teachers={"a": {"model": "m", "kind": "local_model", "api_key_env": "K"}})

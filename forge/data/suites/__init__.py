@@ -1,4 +1,6 @@
-"""Verifiable task suites, one per MVP domain, generated deterministically from a seed.
+"""Verifiable task suites, one per domain, generated deterministically from a seed: general (1A's data) and
+the modifiers' domains, the MVP's (code, reasoning, automation) and the post-MVP ones (math, hard_math,
+science, finance, creative; creative's rubric checks are what a judge teacher scores: forge.modifiers.judge).
 
 `generate(domain, n, seed, split)` returns rows in the forge.data.records schema whose
 reference answers pass `check_answer`. Splits never share a prompt: each prompt hashes into a
@@ -13,7 +15,17 @@ import random
 from types import ModuleType
 from typing import Any
 
-from forge.data.suites import automation, code, general, reasoning
+from forge.data.suites import (
+    automation,
+    code,
+    creative,
+    finance,
+    general,
+    hard_math,
+    math,
+    reasoning,
+    science,
+)
 from forge.data.suites.checks import CheckResult, check_answer, validate_check
 
 __all__ = ["SUITES", "CheckResult", "check_answer", "generate", "validate_check"]
@@ -23,6 +35,11 @@ SUITES: dict[str, ModuleType] = {
     "code": code,
     "reasoning": reasoning,
     "automation": automation,
+    "math": math,
+    "hard_math": hard_math,
+    "science": science,
+    "finance": finance,
+    "creative": creative,
 }
 
 N_BUCKETS = 20
