@@ -31,7 +31,7 @@ TINY_OVERRIDES = {
     "recovery": {"max_steps": 20, "batch_size": 4, "train_rows": 24, "max_seq_len": 128, "eval_every": 10,
                  "eval_batches": 2, "checkpoint_every": 10, "log_every": 5, "learning_rate": 1e-3},
     "eval": {"max_new_tokens": 24, "batch_size": 8},
-    "distill": {"failures": 16, "critiques": 12, "min_rows": 4,
+    "distill": {"failures": 16, "critiques": 12, "min_rows": 4, "dpo_max_steps": 6,
                 "axolotl": {"adapter": "lora", "lora_r": 8, "lora_alpha": 16, "sequence_len": 128,
                             "micro_batch_size": 4, "max_steps": 6, "learning_rate": 1e-3, "warmup_steps": 0,
                             "save_steps": 3, "logging_steps": 1}},

@@ -258,7 +258,14 @@ def test_the_gguf_lora_in_llama_cpp_matches_the_peft_adapter_on_the_dequantized_
     with LlamaCppBackend(gguf_dir / GGUF_NAME, gguf_dir, n_ctx=256) as lc:
         base = lc.answer_logprobs(prompts, refs)
         tokens_base = [lc.greedy_token_ids(p, 6) for p in prompts]
-    assert with_lora == pytest.approx(hf, abs=0.05)
+    # llama.cpp multiplies Q5_K weights by Q8_K-quantized activations, transformers in fp32: how close they
+    # land depends on the CPU's kernels (all 4 rows within 0.05 on an AVX-512 host; one row 0.22 off on an
+    # AMX host). The adapter must bring llama.cpp much closer to peft than the base alone is.
+    def mean_gap(xs: list[float]) -> float:
+        return sum(abs(a - b) for a, b in zip(xs, hf, strict=True)) / len(hf)
+
+    assert with_lora == pytest.approx(hf, abs=0.3)
+    assert mean_gap(with_lora) < 0.5 * mean_gap(base), (with_lora, base, hf)
     assert max(abs(a - b) for a, b in zip(with_lora, base, strict=True)) > 0.1
     assert tokens_lora != tokens_base
 
