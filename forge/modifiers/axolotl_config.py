@@ -295,29 +295,43 @@ def write_axolotl_yaml(rendered: dict[str, Any], path: str | Path) -> Path:
     return path
 
 
+def _where(source: str, i: int, row: dict[str, Any]) -> str:
+    return f"{source} row {i}" + (f" (id {row['id']!r})" if "id" in row else "")
+
+
+def _messages(row: dict[str, Any], where: str, what: str) -> list[dict[str, str]]:
+    """A row's `messages` checked and reduced to role + content (the only keys Axolotl reads)."""
+    msgs = row.get("messages")
+    if not isinstance(msgs, list) or not msgs:
+        raise AxolotlConfigError(f"{where}: 'messages' must be a non-empty list{what}")
+    for j, m in enumerate(msgs):
+        if not (isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str)):
+            raise AxolotlConfigError(f"{where}: messages[{j}] needs role in {ROLES} and string content, "
+                                     f"got {m!r}")
+    return [{"role": m["role"], "content": m["content"]} for m in msgs]
+
+
+def _write_lines(objects: list[dict[str, Any]], path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(json.dumps(o) for o in objects) + "\n")
+    return path
+
+
 def write_chat_jsonl(rows: list[dict[str, Any]], path: str | Path, source: str = "rows") -> Path:
     """Our chat rows -> the JSONL Axolotl reads: only `messages` (other columns such as `check` differ in
     shape across rows and would trip the JSON loader). Bad rows are named by index before Axolotl runs."""
     if not rows:
         raise AxolotlConfigError(f"{source}: no rows to train on")
-    lines = []
+    out = []
     for i, row in enumerate(rows):
         row = row if isinstance(row, dict) else {}
-        msgs = row.get("messages")
-        where = f"{source} row {i}" + (f" (id {row['id']!r})" if "id" in row else "")
-        if not isinstance(msgs, list) or not msgs:
-            raise AxolotlConfigError(f"{where}: 'messages' must be a non-empty list")
-        for j, m in enumerate(msgs):
-            if not (isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str)):
-                raise AxolotlConfigError(f"{where}: messages[{j}] needs role in {ROLES} and string content, "
-                                         f"got {m!r}")
+        where = _where(source, i, row)
+        msgs = _messages(row, where, "")
         if not any(m["role"] == "assistant" for m in msgs):
             raise AxolotlConfigError(f"{where}: no assistant turn, nothing to learn from")
-        lines.append(json.dumps({"messages": [{"role": m["role"], "content": m["content"]} for m in msgs]}))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines) + "\n")
-    return path
+        out.append({"messages": msgs})
+    return _write_lines(out, path)
 
 
 def write_preference_jsonl(rows: list[dict[str, Any]], path: str | Path, source: str = "pairs") -> Path:
@@ -326,17 +340,11 @@ def write_preference_jsonl(rows: list[dict[str, Any]], path: str | Path, source:
     Bad rows are named by index before Axolotl runs."""
     if not rows:
         raise AxolotlConfigError(f"{source}: no preference pairs to train on")
-    lines = []
+    out = []
     for i, row in enumerate(rows):
         row = row if isinstance(row, dict) else {}
-        where = f"{source} row {i}" + (f" (id {row['id']!r})" if "id" in row else "")
-        msgs = row.get("messages")
-        if not isinstance(msgs, list) or not msgs:
-            raise AxolotlConfigError(f"{where}: 'messages' must be a non-empty list of prompt turns")
-        for j, m in enumerate(msgs):
-            if not (isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str)):
-                raise AxolotlConfigError(f"{where}: messages[{j}] needs role in {ROLES} and string content, "
-                                         f"got {m!r}")
+        where = _where(source, i, row)
+        msgs = _messages(row, where, " of prompt turns")
         if msgs[-1]["role"] != "user":
             raise AxolotlConfigError(f"{where}: the prompt turns must end with the user's (the answers are "
                                      "'chosen' and 'rejected')")
@@ -347,9 +355,5 @@ def write_preference_jsonl(rows: list[dict[str, Any]], path: str | Path, source:
                 raise AxolotlConfigError(f"{where}: '{name}' must be a non-empty string")
         if answers[0].strip() == answers[1].strip():
             raise AxolotlConfigError(f"{where}: 'chosen' and 'rejected' are the same answer")
-        lines.append(json.dumps({"messages": [{"role": m["role"], "content": m["content"]} for m in msgs],
-                                 "chosen": answers[0], "rejected": answers[1]}))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines) + "\n")
-    return path
+        out.append({"messages": msgs, "chosen": answers[0], "rejected": answers[1]})
+    return _write_lines(out, path)

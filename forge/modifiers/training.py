@@ -33,6 +33,7 @@ from forge.modifiers.axolotl_config import (
     write_axolotl_yaml,
     write_chat_jsonl,
 )
+from forge.modifiers.axolotl_runner import ADAPTER_FILES
 from forge.runner import JobContext, JobResult
 
 log = logging.getLogger("forge.modifiers")
@@ -44,7 +45,6 @@ VAL_FILE = "data/val.jsonl"
 # the YAML keys holding input paths (render_axolotl_yaml's base_model / dataset_path / eval_path)
 BASE_KEY, TRAIN_KEY, VAL_KEY = "base_model", "datasets.0.path", "test_datasets.0.path"
 ADAPTER_DIR = "adapter"
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 # Axolotl settings that name this machine's paths: kept out of F's info
 MACHINE_KEYS = ("base_model", "output_dir", "resume_from_checkpoint", "lora_model_dir")
 # wall-clock and machine numbers in the trainer's log history: metrics, never committed files

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from forge.data.records import DataError, prompt_messages, read_json_objects, read_jsonl, write_jsonl
+from forge.modifiers.axolotl_runner import ADAPTER_FILES
 
 if TYPE_CHECKING:
     from forge.data.suites import CheckResult
@@ -286,9 +287,6 @@ def cascade_summary(name: str, items: Sequence[Mapping[str, Any]], result: Casca
 
 
 # ---- 4. training ---------------------------------------------------------------------------------------
-
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
-
 
 class AdapterError(ValueError):
     """An adapter that cannot be stacked or exported as a plain LoRA."""
