@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 VENV := .venv
 .DEFAULT_GOAL := help
-.PHONY: help setup setup-axolotl run test stop status bench bench-compress bench-modifiers lint
+.PHONY: help setup setup-axolotl run test stop status bench bench-compress bench-modifiers bench-routing lint
 
 help:
 	@echo "make run [ONCE=1] [CONF='{json}']  start the stack, run the demo pipeline, keep the UIs up until Ctrl-C"
@@ -12,6 +12,7 @@ help:
 	@echo "make bench                         end-to-end demo benchmark (wall, job and Airflow overhead, memory)"
 	@echo "make bench-compress                phase 2 per step: bytes in/out, time, peak RAM, quality delta"
 	@echo "make bench-modifiers               1C + the modifiers per subphase: wall time, teacher calls and cost per tier"
+	@echo "make bench-routing                 router + detector latency per request, session store ops/s (SQLite, Redis)"
 	@echo "make lint                          ruff"
 	@echo "make setup                         .venv from requirements.txt (only when it changed)"
 	@echo "make setup-axolotl                 .venv-axolotl: Axolotl's own runtime (its pins clash with .venv's)"
@@ -45,6 +46,9 @@ bench-compress: setup
 
 bench-modifiers: setup setup-axolotl
 	@$(VENV)/bin/python benchmarks/modifiers.py $(BENCH_ARGS)
+
+bench-routing: setup
+	@$(VENV)/bin/python benchmarks/routing.py $(BENCH_ARGS)
 
 lint: setup
 	@$(VENV)/bin/ruff check .

@@ -57,8 +57,13 @@ def main(argv: list[str] | None = None) -> int:
                         stream=sys.stdout)
 
     if args.cmd == "phases":
-        for ph in pipeline_phases():
-            print(f"{ph.id:10s} {ph.group}.{ph.task_id:24s} {ph.title}  <- {', '.join(ph.inputs) or '-'}")
+        from forge.phases import RETRAINING_PHASES
+
+        for title, phases in (("forge_pipeline", pipeline_phases()), ("forge_router_retraining",
+                                                                       RETRAINING_PHASES)):
+            print(f"# {title}")
+            for ph in phases:
+                print(f"{ph.id:12s} {ph.group}.{ph.task_id:24s} {ph.title}  <- {', '.join(ph.inputs) or '-'}")
         return 0
     try:
         from forge.config import deep_merge

@@ -104,7 +104,8 @@ class ArtifactStore:
     def __init__(self, root: str, storage_options: dict[str, Any] | None = None,
                  local_cache: str | Path | None = None):
         self.root = root.rstrip("/")
-        self.fs, self._root_path = fsspec.core.url_to_fs(self.root, **(storage_options or {}))
+        self.storage_options = dict(storage_options or {})  # so a store for another prefix gets the same
+        self.fs, self._root_path = fsspec.core.url_to_fs(self.root, **self.storage_options)
         self.is_local = self.fs.protocol in ("file", "local") or "file" in self.fs.protocol
         home = Path(os.environ.get("FORGE_HOME", Path.cwd() / ".forge"))
         self.local_cache = Path(local_cache or home / "cache" / "store")

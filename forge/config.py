@@ -23,6 +23,7 @@ from forge.compress.pruning_config import PruningConfig
 from forge.config_base import Strict
 from forge.modifiers.modifier_config import ModifiersConfig
 from forge.modifiers.teacher_config import PLAN_TEACHERS, PLAN_TIERS, CascadeConfig
+from forge.routing.routing_config import RoutingConfig
 from forge.train.distill_config import DistillConfig
 from forge.train.recovery_config import RecoveryConfig
 
@@ -203,6 +204,8 @@ class PipelineConfig(Strict):
     teachers: CascadeConfig = CascadeConfig()
     distill: DistillConfig = DistillConfig()
     modifiers: ModifiersConfig = ModifiersConfig()
+    # 6A-6D router, escalation detector, thresholds, session memory; 13A weekly retraining
+    routing: RoutingConfig = RoutingConfig()
     eval: EvalConfig = EvalConfig()
     storage: StorageConfig = StorageConfig()
     tracking: TrackingConfig = TrackingConfig()

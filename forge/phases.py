@@ -27,6 +27,9 @@ class Phase:
     skip: Callable[[PipelineConfig], str | None] | None = None  # returns a reason to skip
     domain: str | None = None  # a modifier's subphase: its domain
     step: str | None = None  # a modifier's subphase: its letter A-H
+    # reads data the store's manifests do not pin (serving feedback, the model registry): always runs, and its
+    # output is cached by content (forge.runner)
+    live_inputs: bool = False
 
 
 def _trim_skip(cfg: PipelineConfig) -> str | None:
@@ -133,6 +136,58 @@ def modifier_phases(domain: str, spec: ModifierDomainConfig) -> tuple[Phase, ...
     return tuple(phases)
 
 
+# ---- 6: the router, its escalation detector, thresholds, session memory -----------------------------------
+
+ROUTING_GROUP = "phase6_routing"
+
+
+def _routing_skip(cfg: PipelineConfig) -> str | None:
+    if not cfg.modifiers.enabled:
+        return ("no modifier enabled in this run: nothing to route between (enable one in the trigger form's "
+                "Modifiers field or modifiers.enabled)")
+    return None
+
+
+def routing_phases(catalog: Mapping[str, ModifierDomainConfig]) -> tuple[Phase, ...]:
+    """6A-6D. 6A reads every catalog domain's H (the adapters it routes to; a domain the run does not enable
+    is skipped there and is no option), and the judge of each judged domain scores that domain's answers."""
+    h_ids = tuple(modifier_phase_id(spec, "H") for spec in catalog.values())
+    judges = tuple(f"teachers:{d}" for d, spec in catalog.items() if spec.judge)
+    g = ROUTING_GROUP
+    return (
+        Phase("6A", "6a_router_training", g, "Router: 3-layer feed-forward over base + modifiers",
+              "forge.routing.router_trainer:run", ("2C", "2E", *h_ids),
+              ("routing.router", "routing.thresholds.sweep_step", "domains", "data.seed", "modifiers.enabled",
+               "calibration", "eval", "gguf", *judges), skip=_routing_skip),
+        Phase("6B", "6b_escalation_detector", g, "Escalation detector: MiniLM teacher -> distilled LSTM",
+              "forge.routing.escalation_trainer:run", ("prep_data",), ("routing.detector",),
+              skip=_routing_skip),
+        Phase("6C", "6c_threshold_optimization", g, "Thresholds: offline replay, objective, A/B arms",
+              "forge.routing.threshold_optimization:run", ("6A", "6B"),
+              ("routing.thresholds", "routing.router.registered_model"), skip=_routing_skip),
+        Phase("6D", "6d_session_memory", g, "Session memory: multi-turn replay through the routing stack",
+              "forge.routing.session_replay:run", ("prep_data", "6A", "6B", "6C"), ("routing.sessions",),
+              skip=_routing_skip),
+    )
+
+
+# ---- 13A: the weekly router retraining (its own DAG, forge_router_retraining) ----------------------------
+
+RETRAINING_GROUP = "phase13_router_retraining"
+RETRAINING_PHASES: tuple[Phase, ...] = (
+    # reads serving feedback and the registry's champion: runs every time, cached by what it read
+    Phase("13A.collect", "13a_collect_feedback", RETRAINING_GROUP, "The week's feedback, validated",
+          "forge.routing.retraining:collect", (),
+          ("routing.retraining", "routing.router.registered_model"), live_inputs=True),
+    Phase("13A.retrain", "13a_retrain_router", RETRAINING_GROUP, "Challenger: the champion fine-tuned on it",
+          "forge.routing.retraining:retrain", ("13A.collect",),
+          ("routing.retraining", "routing.router", "routing.thresholds", "calibration")),
+    Phase("13A.promote", "13a_evaluate_and_promote", RETRAINING_GROUP,
+          "Challenger vs champion; promote only if better", "forge.routing.retraining:promote",
+          ("13A.collect", "13A.retrain"), ("routing.retraining", "routing.thresholds")),
+)
+
+
 def _default_catalog() -> Mapping[str, ModifierDomainConfig]:
     """The DAG's shape: the config file's domains (FORGE_CONFIG, FORGE_PROFILE), re-read when the file
     changes."""
@@ -163,7 +218,7 @@ def pipeline_phases(catalog: Mapping[str, ModifierDomainConfig] | PipelineConfig
         catalog = catalog.modifiers.domains
     catalog = _default_catalog() if catalog is None else catalog
     mods = [p for domain, spec in catalog.items() for p in modifier_phases(domain, spec)]
-    return (*PHASES, *mods)
+    return (*PHASES, *mods, *routing_phases(catalog))
 
 
 def phases_by_id(catalog: Mapping[str, ModifierDomainConfig] | PipelineConfig | None = None,
@@ -171,7 +226,8 @@ def phases_by_id(catalog: Mapping[str, ModifierDomainConfig] | PipelineConfig | 
     return {p.id: p for p in pipeline_phases(catalog)}
 
 
-BY_ID: dict[str, Phase] = {p.id: p for p in PHASES}  # the fixed phases (tests swap in their own)
+# the fixed phases, and 13A's (tests swap in their own)
+BY_ID: dict[str, Phase] = {p.id: p for p in (*PHASES, *RETRAINING_PHASES)}
 
 
 def get_phase(phase_id: str, cfg: PipelineConfig | None = None) -> Phase:
@@ -179,7 +235,7 @@ def get_phase(phase_id: str, cfg: PipelineConfig | None = None) -> Phase:
     if phase_id in BY_ID:
         return BY_ID[phase_id]
     catalog = cfg.modifiers.domains if cfg is not None else _default_catalog()
-    known = {p.id: p for domain, spec in catalog.items() for p in modifier_phases(domain, spec)}
+    known = {p.id: p for p in pipeline_phases(catalog) if p.id not in BY_ID}
     try:
         return known[phase_id]
     except KeyError:

@@ -22,6 +22,7 @@ from forge.artifacts import (
     code_version,
     digest_json,
     safe_run_id,
+    sha256_file,
 )
 from forge.config import PipelineConfig, forge_home
 from forge.data.records import DataError
@@ -36,6 +37,11 @@ class InjectedFault(RuntimeError):
     """Raised by the `faults` config to drill failure recovery."""
 
 
+class PhaseSkipped(Exception):  # noqa: N818 (a signal, like Airflow's AirflowSkipException)
+    """Raised by a job that finds, from its data, nothing to do (e.g. no feedback this week): the phase is
+    recorded as skipped with the reason, exactly like a config skip."""
+
+
 @dataclass
 class JobResult:
     metrics: dict[str, float] = field(default_factory=dict)  # to MLflow and the manifest
@@ -45,6 +51,7 @@ class JobResult:
     register: str | None = None  # output subdir to register as a model version (challenger)
     register_model: str | None = None  # registered model name; default tracking.registered_model
     aliases: tuple[str, ...] = ()  # besides challenger, e.g. ("champion",) when the job's own gate passed
+    tags: dict[str, str] = field(default_factory=dict)  # extra tags of the registered model version
 
 
 @dataclass
@@ -192,8 +199,7 @@ def run_phase(
             mlrun.set_tags({"forge.cache_key": key, "forge.code_version": code_version(),
                             **{f"forge.input.{p}": m.base_uri for p, m in inputs.items()}})
 
-        reason = phase.skip(cfg) if phase.skip else None
-        if reason:
+        def skipped(reason: str) -> Manifest:
             log.info("phase %s skipped: %s", phase.id, reason)
             m = Manifest(phase=phase.id, cache_key=key, base_uri="", run_id=run_id,
                          status="skipped", skip_reason=reason,
@@ -207,26 +213,34 @@ def run_phase(
                 mlrun.finish()
             return m
 
-        # a drill fault fires before the cache lookup: the first attempt fails even if cached
-        _maybe_fault(store, cfg, run_id, phase.id)
-        cached = None
-        if cfg.cache.enabled and phase.id not in cfg.cache.force:
-            cached = store.find_cached(phase.id, key)
-        if cached:
-            log.info("phase %s: cache hit %s, reusing outputs of run %s at %s",
-                     phase.id, key[:16], cached.run_id, cached.base_uri)
+        def reuse(cached: Manifest, how: str) -> Manifest:
+            log.info("phase %s: %s %s, reusing outputs of run %s at %s",
+                     phase.id, how, cached.cache_key[:16], cached.run_id, cached.base_uri)
             store.link_run(run_id, cached)
-            write_row(store, run_id, {**base_row, "status": "complete", "cached": True,
-                                      "seconds": time.time() - started,
+            write_row(store, run_id, {**base_row, "cache_key": cached.cache_key[:16], "status": "complete",
+                                      "cached": True, "seconds": time.time() - started,
                                       "output_bytes": cached.total_bytes,
                                       "quality": cached.info.get("quality"),
-                                      "notes": f"cache hit (outputs of run {cached.run_id})"})
+                                      "notes": f"{how} (outputs of run {cached.run_id})"})
             if mlrun:
                 mlrun.set_tags({"forge.status": "cache_hit", "forge.output": cached.base_uri,
-                                "forge.cached_from_run": cached.run_id})
+                                "forge.cached_from_run": cached.run_id, "forge.cache_key": cached.cache_key})
                 mlrun.log_metrics(cached.metrics)
                 mlrun.finish()
             return cached
+
+        reason = phase.skip(cfg) if phase.skip else None
+        if reason:
+            return skipped(reason)
+
+        # a drill fault fires before the cache lookup: the first attempt fails even if cached
+        _maybe_fault(store, cfg, run_id, phase.id)
+        use_cache = cfg.cache.enabled and phase.id not in cfg.cache.force
+        # a live-input phase reads what the store's manifests do not pin (serving feedback, the registry):
+        # it always runs, and is cached by what it wrote (below)
+        cached = store.find_cached(phase.id, key) if use_cache and not phase.live_inputs else None
+        if cached:
+            return reuse(cached, "cache hit")
 
         work = forge_home() / "work" / safe_run_id(run_id) / phase.id
         shutil.rmtree(work, ignore_errors=True)
@@ -236,8 +250,22 @@ def run_phase(
         ctx = JobContext(phase, cfg, run_id, key, store, inputs, out_dir, work_dir, mlrun)
         log.info("phase %s (%s): running %s, cache key %s", phase.id, phase.title, phase.job, key[:16])
         job_started = time.time()
-        result: JobResult = _load_job(phase.job)(ctx)
+        try:
+            result: JobResult = _load_job(phase.job)(ctx)
+        except PhaseSkipped as exc:
+            shutil.rmtree(work, ignore_errors=True)
+            return skipped(str(exc))
         job_seconds = time.time() - job_started
+        if phase.live_inputs:
+            # keyed by content: the same feedback and champion give the same key, so what depends on this
+            # phase is a cache hit, and an identical output already stored is linked, not written again
+            key = digest_json({"key": key, "files": {p.relative_to(out_dir).as_posix(): sha256_file(p)
+                                                     for p in sorted(out_dir.rglob("*")) if p.is_file()}})
+            base_row["cache_key"] = key[:16]
+            same = store.find_cached(phase.id, key) if use_cache else None
+            if same:
+                shutil.rmtree(work, ignore_errors=True)
+                return reuse(same, "same content as")
 
         manifest = Manifest(phase=phase.id, cache_key=key, base_uri="", run_id=run_id,
                             metrics={**result.metrics, "job_seconds": job_seconds},
@@ -254,7 +282,8 @@ def run_phase(
             source = f"{manifest.base_uri}/{result.register}" if result.register else manifest.base_uri
             version = tracker.register_model(name, source, mlrun.id,
                                              tags={"forge.phase": phase.id, "forge.run_id": run_id,
-                                                   "forge.cache_key": key, **lineage_tags(inputs)},
+                                                   "forge.cache_key": key, **lineage_tags(inputs),
+                                                   **result.tags},
                                              extra_aliases=tuple(result.aliases))
             at = " ".join(f"@{a}" for a in ("challenger", *result.aliases))
             notes = f"{notes}; registered {name} v{version} {at}".strip("; ")
@@ -265,7 +294,8 @@ def run_phase(
         if mlrun:
             mlrun.log_metrics({**result.metrics, **{f"quality.{k}": v for k, v in result.quality.items()},
                                "job_seconds": job_seconds, "output_bytes": manifest.total_bytes})
-            mlrun.set_tags({"forge.status": "complete", "forge.output": manifest.base_uri})
+            mlrun.set_tags({"forge.status": "complete", "forge.output": manifest.base_uri,
+                            "forge.cache_key": key, **result.tags})
             mlrun.finish()
         log.info("phase %s done in %.1fs: %d files, %.2f MB at %s", phase.id, job_seconds,
                  len(manifest.files), manifest.total_bytes / 1e6, manifest.base_uri)

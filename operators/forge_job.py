@@ -12,7 +12,7 @@ from typing import Any
 from airflow.sdk import BaseOperator, Context
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
-from forge.config import ConfigError, PipelineConfig, load_config
+from forge.config import ConfigError, PipelineConfig, deep_merge, load_config
 from forge.phases import get_phase
 from operators.hooks.mlflow import mlflow_run_url
 from operators.hooks.storage import ArtifactStoreHook
@@ -73,11 +73,16 @@ class ForgeJobOperator(BaseOperator):
         conf = getattr(dag_run, "conf", None) or {}
         try:
             profile, overrides = config_request(context.get("params"), conf)
+            overrides = deep_merge(overrides, self.context_overrides(context))
             cfg = load_config(self.config_path, profile, overrides)
         except ConfigError as exc:
             # AirflowFailException: no retry, a human must fix the trigger form / conf first
             raise AirflowFailException(str(exc)) from exc
         return cfg, overrides
+
+    def context_overrides(self, context: Context) -> dict[str, Any]:
+        """Config the task context decides (e.g. 13A's data interval); none by default."""
+        return {}
 
     def job_env(self) -> dict[str, str]:
         """Extra env for the job; the GPU operator adds CUDA_VISIBLE_DEVICES."""

@@ -169,8 +169,10 @@ def print_summary(outcome: RunOutcome, airflow_url: str, mlflow: MlflowClientRES
         print(f"  (could not read the ledger: {exc})")
     print()
     tracking = cfg.tracking
+    routing = (cfg.routing.router.registered_model, cfg.routing.detector.registered_model)
     models = (tracking.registered_model, tracking.compressed_model,
-              *(cfg.modifiers.registered_name(d) for d in cfg.modifiers.enabled))
+              *(cfg.modifiers.registered_name(d) for d in cfg.modifiers.enabled),
+              *(routing if cfg.modifiers.enabled else ()))
     for line in mlflow_summary(mlflow, outcome.run_id, tracking.experiment, models):
         print(line)
     password = "$FORGE_ADMIN_PASSWORD" if os.environ.get("FORGE_ADMIN_PASSWORD") else "admin"

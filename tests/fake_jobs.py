@@ -36,6 +36,23 @@ def consume(ctx: JobContext) -> JobResult:
     return JobResult(metrics={"sum": sum(numbers)}, register="sum.txt")
 
 
+def live_read(ctx: JobContext) -> JobResult:
+    """Reads a file outside the store (as 13A reads serving feedback); nothing there: skip, saying so."""
+    from forge.runner import PhaseSkipped
+
+    text = (Path(os.environ["FORGE_HOME"]) / "live.txt").read_text()
+    if not text:
+        raise PhaseSkipped("nothing to read this time")
+    (ctx.out_dir / "seen.txt").write_text(text)
+    return JobResult()
+
+
+def after_live(ctx: JobContext) -> JobResult:
+    _count("after_live")
+    (ctx.out_dir / "upper.txt").write_text((ctx.input_dir("live") / "seen.txt").read_text().upper())
+    return JobResult()
+
+
 def explode_midway(ctx: JobContext) -> JobResult:
     _count("explode")
     (ctx.out_dir / "half.bin").write_bytes(b"x" * 1000)

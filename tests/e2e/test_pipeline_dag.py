@@ -255,3 +255,59 @@ def test_modifiers_and_distillation_in_the_ledger_and_registry(pipeline_run: dic
         # lineage to the data (E) and to the base the adapter is for (2A trained, 2C served)
         assert version.tags[f"forge.lineage.{e}.cache_key"] == m_e.cache_key
         assert version.tags["forge.lineage.2C.cache_key"] == store.run_manifest(run_id, "2C").cache_key
+
+
+def test_routing_phases_report_accuracy_curve_threshold_and_register(pipeline_run: dict[str, Any],
+                                                                    forge_env: Path) -> None:
+    """6A-6D: ledger rows with the router's accuracy and the chosen threshold, the cost-quality curve in
+    MLflow, forge-router (router + thresholds) and forge-escalation-detector registered, and serving's loader
+    routes with what the registry holds."""
+    import json
+
+    from mlflow.tracking import MlflowClient
+
+    from forge.ledger import read_rows
+    from forge.routing.runtime import RoutingRuntime
+    from forge.runner import make_store
+
+    cfg = run_config()
+    run_id = pipeline_run["dag_run"].run_id
+    store = make_store(cfg)
+    rows = {r["phase"]: r for r in read_rows(store, run_id)}
+    router, detector, thresholds, sessions = (rows[p]["quality"] for p in ("6A", "6B", "6C", "6D"))
+    assert 0.0 <= router["router_acc"] <= 1.0
+    assert {"acc_minilm", "acc_base_hidden", "p99_ms_minilm"} <= set(router)
+    assert router["temperature"] > 0 and {"ece_before", "ece_after", "target_threshold"} <= set(router)
+    assert 0.0 <= detector["student_acc"] <= 1.0 and detector["student_mb"] < detector["teacher_mb"]
+    grid = {round(i * cfg.routing.thresholds.sweep_step, 6) for i in range(101)}
+    assert thresholds["threshold"] in grid | set(cfg.routing.thresholds.candidates)
+    assert "acc_at_0.80" in thresholds
+    assert sessions["persistence_ok"] == 1.0
+    assert sessions["max_session_kb"] * 1024 <= cfg.routing.sessions.max_bytes
+
+    client = MlflowClient(tracking_uri=cfg.tracking.tracking_uri, registry_uri=cfg.tracking.tracking_uri)
+    m6a, m6c = store.run_manifest(run_id, "6A"), store.run_manifest(run_id, "6C")
+    artifacts = {a.path for a in client.list_artifacts(m6a.mlflow_run_id)}
+    assert {"cost_quality.png", "reliability.png", "router_report.json"} <= artifacts
+    report = json.loads((store.materialize(m6a) / "router_report.json").read_text())
+    assert report["options"][0]["name"] == "base" and {o["name"] for o in report["options"]} == {
+        "base", *MODIFIERS}
+    policy = client.get_model_version_by_alias(cfg.routing.router.registered_model, "champion")
+    assert policy.source == m6c.base_uri and policy.tags["forge.router.threshold"]
+    detector_version = client.get_model_version_by_alias(cfg.routing.detector.registered_model, "challenger")
+    assert detector_version.run_id == store.run_manifest(run_id, "6B").mlflow_run_id
+
+    from forge.config import deep_merge, load_config
+    from tests.conftest import TINY_OVERRIDES
+
+    serving = load_config(profile="demo", overrides=deep_merge(TINY_OVERRIDES, {"routing": {"sessions": {
+        "url": f"sqlite:///{forge_env}/serving-sessions.db"}}}))
+    runtime = RoutingRuntime.from_registry(serving)
+    try:
+        first = runtime.route("e2e", "Write a Python function add(a, b) that returns a + b.")
+        again = runtime.route("e2e", "that's wrong, try again")
+        assert first.option in {"base", *MODIFIERS} and runtime.detector is not None
+        assert again.escalated == (again.escalation_score >= runtime.detector.threshold)
+        assert len(runtime.sessions.get("e2e")["decisions"]) == 2
+    finally:
+        runtime.close()

@@ -9,6 +9,8 @@ One stack (scripts/stack.sh, temp FORGE_HOME, free ports) serves every scenario,
       failed` on the same date reprocesses that run to success, every task a cache hit
   (e) store level, no stack: a job SIGKILLed while committing leaves no manifest; nothing reads its
       half-written files and the retry replaces them
+  (f) `airflow backfill create` of forge_router_retraining over two past weeks of feedback: one run per
+      week, in order, each reading its own week; the first promotes, the second (lying feedback) does not
 Each scenario prints its wall time (`pytest -s` shows them).
 """
 
@@ -489,3 +491,81 @@ def test_e_a_job_killed_mid_commit_leaves_nothing_a_retry_reads(forge_home: Path
     assert calls("consume") == 2
     assert store.verify(m, deep=True)
     assert half.read_text() == str(sum(range(cfg.data.seed % 50)))
+
+
+# ---- (f) backfill of the weekly router retraining over two past weeks ---------------------------
+RETRAINING_DAG = "forge_router_retraining"
+# Sundays: @weekly's intervals [11-01, 11-08) and [11-08, 11-15). Not the latest weeks: with catchup off,
+# the scheduler runs the latest complete week of an unpaused DAG on its own as soon as the stack is up.
+RETRAIN_WEEK1 = "2026-11-01"
+RETRAIN_WEEK2 = "2026-11-08"
+
+
+@dataclass
+class RetrainingBackfill:
+    runs: list[dict[str, Any]]  # the backfill's dag runs, oldest first
+    tis: dict[str, dict[str, str]]  # run id -> task id -> state
+    decisions: dict[str, dict[str, Any]]  # run id -> decision.json
+    champion_before: str
+    champion_after: str
+
+
+@pytest.fixture(scope="module")
+def retraining_backfill(stack: Stack, backfilled: Backfill) -> RetrainingBackfill:
+    """A champion registered in the stack's MLflow, truthful feedback in week 1 and lying feedback in week 2,
+    then `airflow backfill create` over both weeks."""
+    from datetime import UTC, datetime
+
+    from mlflow.tracking import MlflowClient
+
+    from tests.routing_fixtures import build_champion, week_feedback, write_feedback
+
+    started = time.monotonic()
+    cfg, store = stack.cfg, stack.store()
+    champion = build_champion(cfg, store, stack.home / "scratch")
+    w1, w2 = (datetime.fromisoformat(d).replace(tzinfo=UTC) for d in (RETRAIN_WEEK1, RETRAIN_WEEK2))
+    for week, start, n, mode in (("w1", w1, 90, "truthful"), ("w2", w2, 200, "inverted")):
+        events = week_feedback(champion["records"], start, n, mode, seed=int(week[1]))
+        write_feedback(store, store.uri("feedback"), events, week)
+    name = cfg.routing.router.registered_model
+    registry = MlflowClient(cfg.tracking.tracking_uri, registry_uri=cfg.tracking.tracking_uri)
+    before = str(registry.get_model_version_by_alias(name, "champion").version)
+    conf = {"profile": "demo", "overrides": {"routing": {"retraining": {"epochs": 25}}}}
+    out = stack.airflow_cli("backfill", "create", "--dag-id", RETRAINING_DAG, "--from-date", RETRAIN_WEEK1,
+                            "--to-date", RETRAIN_WEEK2, "--dag-run-conf", json.dumps(conf))
+    assert out.returncode == 0, f"airflow backfill create failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
+    stack.client.set_paused(RETRAINING_DAG, False)
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    while True:
+        runs = [r for r in stack.client._json("GET", f"/api/v2/dags/{RETRAINING_DAG}/dagRuns")["dag_runs"]
+                if r["run_type"] == "backfill"]
+        if len(runs) == 2 and all(r["state"] in TERMINAL for r in runs):
+            break
+        assert time.monotonic() < deadline, f"retraining backfill not done: {runs}"
+        time.sleep(POLL_S)
+    runs.sort(key=lambda r: r["logical_date"])
+    tis = {r["dag_run_id"]: {t["task_id"].split(".")[-1]: t["state"]
+                             for t in stack.client.task_instances(RETRAINING_DAG, r["dag_run_id"])}
+           for r in runs}
+    decisions = {}
+    for r in runs:
+        m = store.run_manifest(r["dag_run_id"], "13A.promote")
+        if m is not None and m.status == "complete":
+            decisions[r["dag_run_id"]] = json.loads((store.materialize(m) / "decision.json").read_text())
+    after = str(registry.get_model_version_by_alias(name, "champion").version)
+    stack.timings["(f) retraining backfill, 2 weeks"] = time.monotonic() - started
+    return RetrainingBackfill(runs, tis, decisions, before, after)
+
+
+def test_f_backfill_retrains_the_router_week_by_week(retraining_backfill: RetrainingBackfill) -> None:
+    rb = retraining_backfill
+    assert [r["state"] for r in rb.runs] == ["success", "success"], rb.tis
+    week1, week2 = rb.runs
+    # each run read its own week
+    assert week1["data_interval_start"].startswith(RETRAIN_WEEK1)
+    assert week2["data_interval_start"].startswith(RETRAIN_WEEK2)
+    assert all(set(states.values()) == {"success"} for states in rb.tis.values()), rb.tis
+    d1, d2 = rb.decisions[week1["dag_run_id"]], rb.decisions[week2["dag_run_id"]]
+    assert d1["promote"] is True and d1["champion_version"] == rb.champion_before
+    assert d2["promote"] is False and d2["champion_version"] != rb.champion_before  # built on week 1's
+    assert rb.champion_after == d2["champion_version"]

@@ -1,7 +1,8 @@
 """The DAG folder parses cleanly, fast, without ML libraries, into the registry's tasks.
 
-Two DAGs, one builder (operators/pipeline_dag.py): forge_pipeline (manual) and
+Two pipeline DAGs, one builder (operators/pipeline_dag.py): forge_pipeline (manual) and
 forge_pipeline_scheduled (weekly, for backfills) have the same tasks; only the schedule differs.
+forge_router_retraining (13A, weekly) is built from the registry's RETRAINING_PHASES.
 """
 
 from __future__ import annotations
@@ -20,11 +21,12 @@ configure()
 
 from airflow.dag_processing.dagbag import DagBag  # noqa: E402
 
-from forge.phases import pipeline_phases  # noqa: E402
+from forge.phases import RETRAINING_PHASES, pipeline_phases  # noqa: E402
 
 PHASES = pipeline_phases()  # the fixed phases + A-H per domain of config/pipeline.yaml
 
 DAG_IDS = ("forge_pipeline", "forge_pipeline_scheduled")
+RETRAINING_DAG = "forge_router_retraining"
 HEAVY = ("torch", "transformers", "peft", "mlflow", "sklearn", "bitsandbytes", "sentence_transformers")
 PLAN_ID = re.compile(r"^\d+[A-Z](\.[A-H])?$")
 
@@ -36,7 +38,7 @@ def _dagbag() -> DagBag:
 def test_dag_folder_has_no_import_errors() -> None:
     bag = _dagbag()
     assert bag.import_errors == {}
-    assert set(bag.dag_ids) == set(DAG_IDS)
+    assert set(bag.dag_ids) == {*DAG_IDS, RETRAINING_DAG}
 
 
 @pytest.mark.parametrize("dag_id", DAG_IDS)
@@ -95,7 +97,37 @@ def test_dag_serializes_with_its_params_and_links(dag_id: str) -> None:
     assert "MLflow run" in task.extra_links
 
 
-@pytest.mark.parametrize("dag_id", DAG_IDS)
+def test_retraining_dag_is_weekly_backfillable_and_skips_downstream_of_a_skip() -> None:
+    dag = _dagbag().dags[RETRAINING_DAG]
+    assert dag.schedule == "@weekly" and dag.timetable.expression == "0 0 * * 0"
+    assert dag.catchup is False and dag.max_active_runs == 1  # weeks in order, each on the last's champion
+    by_id = {p.id: f"{p.group}.{p.task_id}" for p in RETRAINING_PHASES}
+    assert set(dag.task_ids) == set(by_id.values())
+    for p in RETRAINING_PHASES:
+        task = dag.get_task(by_id[p.id])
+        assert task.upstream_task_ids == {by_id[i] for i in p.inputs}
+        assert task.trigger_rule == "all_success"  # no champion / no feedback: the rest skips too
+    assert set(dag.params) == {"profile", "overrides"}
+    assert "airflow backfill create --dag-id forge_router_retraining" in dag.doc_md
+
+
+def test_retraining_tasks_read_their_run_data_interval() -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from operators.router_retraining import interval_of
+
+    start = datetime(2026, 11, 15, tzinfo=UTC)
+    scheduled = {"data_interval_start": start, "data_interval_end": start + timedelta(days=7)}
+    assert interval_of(scheduled) == (start, start + timedelta(days=7))
+    # a manual run with a logical date has an empty interval: the week that starts there
+    assert interval_of({"data_interval_start": start, "data_interval_end": start, "logical_date": start}) == (
+        start, start + timedelta(days=7))
+    task = _dagbag().dags[RETRAINING_DAG].get_task("phase13_router_retraining.13a_collect_feedback")
+    assert task.context_overrides(scheduled) == {"routing": {"retraining": {
+        "interval_start": "2026-11-15T00:00:00+00:00", "interval_end": "2026-11-22T00:00:00+00:00"}}}
+
+
+@pytest.mark.parametrize("dag_id", [*DAG_IDS, RETRAINING_DAG])
 def test_dag_file_parses_fast_and_imports_no_ml_library(dag_id: str, tmp_path) -> None:
     # a fresh interpreter, like the DAG processor: airflow loaded first, then the file timed
     # alone; run from elsewhere so the file must find `forge`/`operators` by itself
@@ -116,5 +148,6 @@ print(json.dumps({{"seconds": seconds, "heavy": heavy, "tasks": len(dag.tasks), 
                          cwd=tmp_path, env=env, check=True).stdout
     result = json.loads(out.strip().splitlines()[-1])
     assert result["heavy"] == []
-    assert result["tasks"] == len(PHASES) and result["dag_id"] == dag_id
+    n_tasks = len(RETRAINING_PHASES) if dag_id == RETRAINING_DAG else len(PHASES)
+    assert result["tasks"] == n_tasks and result["dag_id"] == dag_id
     assert result["seconds"] < 2.0, result

@@ -1,0 +1,63 @@
+"""13A's weekly DAG, forge_router_retraining: collect the week's feedback -> retrain -> evaluate and promote.
+
+Built from the phase registry's RETRAINING_PHASES like the pipeline DAG. Each task's config gets the run's
+data interval (routing.retraining.interval_start / interval_end), so a scheduled run, a backfilled week and
+a re-run of a week all read exactly that week's feedback. A task skipped for a reason (no champion yet, too
+little feedback) skips what follows it: the default all_success trigger rule, unlike the pipeline's.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from typing import Any
+
+from airflow.sdk import DAG, Context, TaskGroup
+
+from forge.phases import RETRAINING_GROUP, RETRAINING_PHASES
+from operators.forge_job import ForgeJobOperator
+from operators.trigger_form import trigger_params
+
+WEEK = timedelta(days=7)
+
+
+def interval_of(context: Context) -> tuple[datetime, datetime]:
+    """The week this run retrains on. Scheduled and backfilled runs: their data interval. A manual run has an
+    empty one ([logical date, logical date]): the week that starts at its logical date, as the scheduled run
+    of that date would have; without a logical date (the UI's plain trigger), the 7 days before it started."""
+    start, end = context.get("data_interval_start"), context.get("data_interval_end")
+    if start is not None and end is not None and start < end:
+        return start, end
+    logical = context.get("logical_date")
+    if logical is not None:
+        return logical, logical + WEEK
+    dag_run = context.get("dag_run")
+    end = getattr(dag_run, "run_after", None) or getattr(dag_run, "start_date", None)
+    if end is None:
+        raise ValueError("forge_router_retraining: the run has no data interval, logical date or start time")
+    return end - WEEK, end
+
+
+class RouterRetrainingOperator(ForgeJobOperator):
+    """A 13A step: a Forge job whose config carries the run's data interval."""
+
+    ui_color = "#e6f4ea"
+
+    def context_overrides(self, context: Context) -> dict[str, Any]:
+        start, end = interval_of(context)
+        return {"routing": {"retraining": {"interval_start": start.isoformat(),
+                                           "interval_end": end.isoformat()}}}
+
+
+def build_retraining_dag(dag_id: str, *, doc_md: str, schedule: str, start_date: datetime,
+                         **dag_kwargs: Any) -> DAG:
+    params = {k: v for k, v in trigger_params().items() if k in ("profile", "overrides")}
+    with DAG(dag_id=dag_id, description="Forge 13A: weekly router retraining from serving feedback",
+             schedule=schedule, start_date=start_date, catchup=False, params=params, doc_md=doc_md,
+             tags=["forge", "routing", "13A"], max_active_runs=1,  # weeks in order: each builds on the last
+             **dag_kwargs) as dag:
+        group = TaskGroup(group_id=RETRAINING_GROUP)
+        tasks = {p.id: RouterRetrainingOperator(phase_id=p.id, task_group=group) for p in RETRAINING_PHASES}
+        for p in RETRAINING_PHASES:
+            for upstream in p.inputs:
+                tasks[upstream] >> tasks[p.id]
+    return dag
