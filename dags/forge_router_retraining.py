@@ -31,12 +31,12 @@ MLflow run, the ledger and the model version's tags.
 * No champion yet, or too little feedback in the week: the run is skipped, saying why.
 * Idempotent per week: re-running a week with the same feedback reuses its outputs (cache hits) and
   registers nothing new. Past weeks: `airflow backfill create --dag-id forge_router_retraining
-  --from-date 2026-11-15 --to-date 2026-11-29` (one run per week, in order).
+  --from-date 2026-11-15 --to-date 2026-11-22` runs the weeks starting on those Sundays, in order. A manual
+  trigger retrains on the last complete week.
 """
 
 dag = build_retraining_dag(
     "forge_router_retraining",
     doc_md=DOC_MD,
-    schedule="@weekly",
-    start_date=datetime(2026, 1, 4, tzinfo=UTC),  # a Sunday: the first weekly slot
+    start_date=datetime(2026, 1, 4, tzinfo=UTC),  # a Sunday: the first weekly interval
 )

@@ -21,17 +21,15 @@ WEEK = timedelta(days=7)
 
 
 def interval_of(context: Context) -> tuple[datetime, datetime]:
-    """The week this run retrains on. Scheduled and backfilled runs: their data interval. A manual run has an
-    empty one ([logical date, logical date]): the week that starts at its logical date, as the scheduled run
-    of that date would have; without a logical date (the UI's plain trigger), the 7 days before it started."""
+    """The week this run retrains on: its data interval (the DAG's timetable gives scheduled, backfilled and
+    manual runs one). A run without one (e.g. a trigger timetable put in by hand) takes the week before its
+    logical date, else before it was started."""
     start, end = context.get("data_interval_start"), context.get("data_interval_end")
     if start is not None and end is not None and start < end:
         return start, end
-    logical = context.get("logical_date")
-    if logical is not None:
-        return logical, logical + WEEK
     dag_run = context.get("dag_run")
-    end = getattr(dag_run, "run_after", None) or getattr(dag_run, "start_date", None)
+    end = (context.get("logical_date") or getattr(dag_run, "run_after", None)
+           or getattr(dag_run, "start_date", None))
     if end is None:
         raise ValueError("forge_router_retraining: the run has no data interval, logical date or start time")
     return end - WEEK, end
@@ -48,11 +46,21 @@ class RouterRetrainingOperator(ForgeJobOperator):
                                            "interval_end": end.isoformat()}}}
 
 
-def build_retraining_dag(dag_id: str, *, doc_md: str, schedule: str, start_date: datetime,
+def weekly_intervals() -> Any:
+    """@weekly (Sunday 00:00 UTC) with data intervals: the run of a week starts once the week is over and
+    reads [that Sunday, the next); a manual run reads the last complete week. (Airflow 3's plain "@weekly"
+    is a trigger timetable: runs get no interval.)"""
+    from airflow.timetables.interval import CronDataIntervalTimetable
+
+    return CronDataIntervalTimetable("0 0 * * 0", timezone="UTC")
+
+
+def build_retraining_dag(dag_id: str, *, doc_md: str, start_date: datetime, schedule: Any = None,
                          **dag_kwargs: Any) -> DAG:
     params = {k: v for k, v in trigger_params().items() if k in ("profile", "overrides")}
     with DAG(dag_id=dag_id, description="Forge 13A: weekly router retraining from serving feedback",
-             schedule=schedule, start_date=start_date, catchup=False, params=params, doc_md=doc_md,
+             schedule=schedule or weekly_intervals(), start_date=start_date, catchup=False, params=params,
+             doc_md=doc_md,
              tags=["forge", "routing", "13A"], max_active_runs=1,  # weeks in order: each builds on the last
              **dag_kwargs) as dag:
         group = TaskGroup(group_id=RETRAINING_GROUP)

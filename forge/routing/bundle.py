@@ -112,6 +112,20 @@ class RoutingPolicy:
         self.folder = folder
         return folder
 
+    def extractor(self, store: ArtifactStore) -> Any:
+        """The router's feature extractor (a base_hidden one finds its GGUF in `store` by content)."""
+        from forge.routing.features import open_extractor
+
+        return open_extractor(self.router.features, lambda ref: resolve_ref(store, ref))
+
+    def embed(self, store: ArtifactStore, texts: list[str]) -> Any:
+        """The router's features of these texts (the extractor opened and closed around them)."""
+        extractor = self.extractor(store)
+        try:
+            return extractor.embed(texts)
+        finally:
+            extractor.close()
+
     @property
     def threshold(self) -> float:
         return float(self.thresholds["chosen"]["threshold"])

@@ -45,10 +45,12 @@ class MiniLMFeatures:
     kind = "minilm"
 
     def __init__(self, max_seq_len: int = 128, batch_size: int = 64, int8: bool = True) -> None:
-        from forge.routing.minilm import HIDDEN_SIZE, load_minilm, onnx_session
+        from forge.routing.minilm import HIDDEN_SIZE, load_minilm, load_tokenizer, onnx_session
 
+        # built / loaded once per process, here rather than on the first request
+        load_tokenizer()
         if int8:
-            onnx_session()  # built / loaded once per process, here rather than on the first request
+            onnx_session()
         else:
             load_minilm()
         self.max_seq_len, self.batch_size, self.dim, self.int8 = max_seq_len, batch_size, HIDDEN_SIZE, int8

@@ -13,6 +13,7 @@ import functools
 import importlib.util
 import logging
 import os
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -49,24 +50,39 @@ def _offline() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+# The loaders run once per process, under one lock: serving threads (and 6D's replay) may all ask at once,
+# and transformers' lazy imports are not safe to race (seen: "cannot import name 'AutoTokenizer'").
+_LOAD_LOCK = threading.RLock()
+
+
 @functools.lru_cache(maxsize=1)
-def load_tokenizer() -> Any:
-    """MiniLM's (fast, word-piece) tokenizer, once per process."""
+def _load_tokenizer() -> Any:
     _offline()
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(minilm_path()))
 
 
+def load_tokenizer() -> Any:
+    """MiniLM's (fast, word-piece) tokenizer, once per process."""
+    with _LOAD_LOCK:
+        return _load_tokenizer()
+
+
 @functools.lru_cache(maxsize=4)
-def load_minilm(device: str = "cpu") -> tuple[Any, Any]:
-    """(tokenizer, model) once per process and device; the model is a BertModel in eval mode. Callers that
-    fine-tune it must deep-copy it first (the cached one is shared)."""
+def _load_minilm(device: str) -> tuple[Any, Any]:
     _offline()
     from transformers import AutoModel
 
     model = AutoModel.from_pretrained(str(minilm_path())).to(device).eval()
     return load_tokenizer(), model
+
+
+def load_minilm(device: str = "cpu") -> tuple[Any, Any]:
+    """(tokenizer, model) once per process and device; the model is a BertModel in eval mode. Callers that
+    fine-tune it must deep-copy it first (the cached one is shared)."""
+    with _LOAD_LOCK:
+        return _load_minilm(device)
 
 
 # ---- the router's per-request encoder: MiniLM in ONNX Runtime, int8 -----------------------------------
@@ -146,10 +162,15 @@ def onnx_int8_path() -> Path:
     return path if path.is_file() else build_onnx_int8(path)
 
 
-@functools.lru_cache(maxsize=1)
 def onnx_session() -> Any:
     """One ONNX Runtime session per process, one intra-op thread (a request's embedding runs on one core;
     requests in parallel call run() from their own threads, which ONNX Runtime allows)."""
+    with _LOAD_LOCK:
+        return _onnx_session()
+
+
+@functools.lru_cache(maxsize=1)
+def _onnx_session() -> Any:
     import onnxruntime
 
     options = onnxruntime.SessionOptions()

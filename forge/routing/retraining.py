@@ -188,17 +188,6 @@ def feedback_examples(rows: list[dict[str, Any]], X: np.ndarray, classes: list[s
                     np.full(len(rows), weight, np.float32))
 
 
-def embed_queries(ctx: JobContext, policy: RoutingPolicy, rows: list[dict[str, Any]]) -> np.ndarray:
-    """The rows' queries through the policy's own feature extractor (its GGUF found by content)."""
-    from forge.routing.features import open_extractor
-
-    extractor = open_extractor(policy.router.features, lambda ref: resolve_ref(ctx.store, ref))
-    try:
-        return extractor.embed([r["query"] for r in rows])
-    finally:
-        extractor.close()
-
-
 def champion_of(ctx: JobContext) -> tuple[dict[str, Any], RoutingPolicy]:
     champ = json.loads((ctx.input_dir("13A.collect") / CHAMPION).read_text())
     return champ, RoutingPolicy.load(materialize_source(ctx.store, champ["source"]))
@@ -218,7 +207,7 @@ def retrain(ctx: JobContext) -> JobResult:
     classes = policy.router.classes
     table, X, weeks = policy_data(ctx, policy)
     rows = load_examples(ctx.input_dir("13A.collect") / TRAIN)
-    Xf = embed_queries(ctx, policy, rows)
+    Xf = policy.embed(ctx.store, [r["query"] for r in rows])
     tr, va = table.mask("train"), table.mask("val")
     train = Examples.positives(X[tr], table.labels[tr])
     for old_rows, old_X in weeks:
@@ -313,7 +302,7 @@ def promote(ctx: JobContext) -> JobResult:
     challenger = RoutingPolicy.load(ctx.input_dir("13A.retrain") / POLICY_DIR)
     table, X, _ = policy_data(ctx, champion)
     rows = load_examples(ctx.input_dir("13A.collect") / EVAL)
-    Xe = embed_queries(ctx, champion, rows)
+    Xe = champion.embed(ctx.store, [r["query"] for r in rows])
     scores = {"champion": score(champion, table, X, Xe, rows, tc.share_penalty),
               "challenger": score(challenger, table, X, Xe, rows, tc.share_penalty)}
     better, why = verdict(scores["champion"], scores["challenger"], rr)

@@ -66,9 +66,8 @@ class RoutingRuntime:
     def from_registry(cls, cfg: PipelineConfig, alias: str = "champion",
                       feedback: FeedbackWriter | None = None) -> RoutingRuntime:
         """The champion policy and detector from the MLflow registry, the session store from config."""
-        from forge.routing.bundle import load_policy, materialize_source, registered, resolve_ref
+        from forge.routing.bundle import load_policy, materialize_source, registered
         from forge.routing.escalation import EscalationDetector
-        from forge.routing.features import open_extractor
         from forge.routing.sessions import open_session_store
         from forge.runner import make_store
 
@@ -81,8 +80,7 @@ class RoutingRuntime:
         policy = found[1]
         det = registered(cfg.tracking, rc.detector.registered_model, alias)
         detector = EscalationDetector.load(materialize_source(store, det.source)) if det else None
-        extractor = open_extractor(policy.router.features, lambda ref: resolve_ref(store, ref))
-        return cls(policy, extractor, open_session_store(rc.sessions), detector, feedback)
+        return cls(policy, policy.extractor(store), open_session_store(rc.sessions), detector, feedback)
 
     # ---- one request -------------------------------------------------------------------------------
     def probs(self, query: str) -> np.ndarray:

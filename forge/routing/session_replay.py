@@ -118,10 +118,9 @@ def check_expiry(store_cfg: Any) -> dict[str, Any]:
 def run(ctx: JobContext) -> JobResult:
     from forge.artifacts import ArtifactStore
     from forge.data.records import read_jsonl
-    from forge.routing.bundle import RoutingPolicy, resolve_ref
+    from forge.routing.bundle import RoutingPolicy
     from forge.routing.escalation import EscalationDetector
     from forge.routing.escalation_data import PromptPool
-    from forge.routing.features import open_extractor
     from forge.routing.feedback import FeedbackWriter, read_interval
     from forge.routing.runtime import RoutingRuntime
     from forge.routing.sessions import open_session_store
@@ -141,9 +140,8 @@ def run(ctx: JobContext) -> JobResult:
     feedback_root = Path(tempfile.mkdtemp(dir=ctx.work_dir))
     feedback_store = ArtifactStore(f"file://{feedback_root}")
     writer = FeedbackWriter(feedback_store, feedback_store.uri("feedback"))
-    extractor = open_extractor(policy.router.features, lambda ref: resolve_ref(ctx.store, ref))
     store = open_session_store(store_cfg)
-    runtime = RoutingRuntime(policy, extractor, store, detector, writer)
+    runtime = RoutingRuntime(policy, policy.extractor(ctx.store), store, detector, writer)
     started_at = datetime.now(UTC)
     started = time.perf_counter()
     try:

@@ -72,11 +72,9 @@ def policy_bundle(router: Router, m6a: Any, detector_key: str | None) -> dict[st
             "detector": {"phase": "6B", "cache_key": detector_key} if detector_key else None}
 
 
-def champion_verdict(ctx: JobContext, name: str, system: str, ours: float, table: Any,
-                     latency: np.ndarray) -> tuple[bool, str]:
+def champion_verdict(ctx: JobContext, name: str, system: str, ours: float, table: Any) -> tuple[bool, str]:
     """Should this run's policy become the champion? Only a champion routing the same system is comparable."""
-    from forge.routing.bundle import load_policy, resolve_ref
-    from forge.routing.features import open_extractor
+    from forge.routing.bundle import load_policy
 
     if ctx.mlflow is None:
         return False, "not tracked: nothing registered"
@@ -87,11 +85,8 @@ def champion_verdict(ctx: JobContext, name: str, system: str, ours: float, table
     if champ.bundle.get("system") != system:
         return True, f"champion v{version.version} routes another system (other adapters or base)"
     te = table.mask("test")
-    extractor = open_extractor(champ.router.features, lambda ref: resolve_ref(ctx.store, ref))
-    try:
-        probs = champ.router.probs(extractor.embed([q for q, t in zip(table.queries, te, strict=True) if t]))
-    finally:
-        extractor.close()
+    queries = [q for q, t in zip(table.queries, te, strict=True) if t]
+    probs = champ.router.probs(champ.embed(ctx.store, queries))
     theirs = objective(replay(probs, table.correct[te], table.logprob[te], [champ.threshold])[0],
                        ctx.config.routing.thresholds.share_penalty)
     if ours >= theirs:
@@ -151,8 +146,7 @@ def run(ctx: JobContext) -> JobResult:
 
     chosen_test = test_at[t]
     ours = objective(chosen_test, tc.share_penalty)
-    promote, why = champion_verdict(ctx, cfg.routing.router.registered_model, bundle["system"], ours, table,
-                                    latency)
+    promote, why = champion_verdict(ctx, cfg.routing.router.registered_model, bundle["system"], ours, table)
     quality = {"threshold": t, "acc": chosen_test["acc"], "share": chosen_test["share"],
                "latency_ms": chosen_test["latency_ms_mean"], "latency_ms_p95": chosen_test["latency_ms_p95"],
                "objective": ours, "overhead_ms": overhead, "arms": float(len(arms)),

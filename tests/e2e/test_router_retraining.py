@@ -23,7 +23,7 @@ configure()
 
 pytestmark = pytest.mark.e2e
 
-WEEK1 = datetime(2026, 11, 15, tzinfo=UTC)  # a Sunday: @weekly's interval [WEEK1, WEEK1 + 7d)
+WEEK1 = datetime(2026, 11, 15, tzinfo=UTC)  # a Sunday: the weekly interval [WEEK1, WEEK1 + 7d)
 WEEK2 = WEEK1 + timedelta(days=7)
 GROUP = "phase13_router_retraining"
 # small and fast: the retrain step's epochs, and few enough feedback rows to need
@@ -61,8 +61,12 @@ def retraining_dag() -> Any:
 
 
 def run_week(start: datetime) -> Any:
-    return retraining_dag().test(logical_date=start, run_conf={"profile": "demo",
-                                                               "overrides": copy.deepcopy(OVERRIDES)})
+    """The run for the week [start, start + 7d): a manual run reads the last complete week before its
+    logical date (the DAG's data-interval timetable)."""
+    run = retraining_dag().test(logical_date=start + timedelta(days=7),
+                                run_conf={"profile": "demo", "overrides": copy.deepcopy(OVERRIDES)})
+    assert (run.data_interval_start, run.data_interval_end) == (start, start + timedelta(days=7))
+    return run
 
 
 def states(dag_run: Any) -> dict[str, str]:

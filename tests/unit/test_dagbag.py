@@ -98,8 +98,13 @@ def test_dag_serializes_with_its_params_and_links(dag_id: str) -> None:
 
 
 def test_retraining_dag_is_weekly_backfillable_and_skips_downstream_of_a_skip() -> None:
+    from datetime import UTC, datetime
+
     dag = _dagbag().dags[RETRAINING_DAG]
-    assert dag.schedule == "@weekly" and dag.timetable.expression == "0 0 * * 0"
+    # weekly with data intervals: the run of the week starting Sunday 11-15 reads [11-15, 11-22)
+    interval = dag.timetable.infer_manual_data_interval(run_after=datetime(2026, 11, 25, tzinfo=UTC))
+    assert (interval.start, interval.end) == (datetime(2026, 11, 15, tzinfo=UTC), datetime(2026, 11, 22,
+                                                                                            tzinfo=UTC))
     assert dag.catchup is False and dag.max_active_runs == 1  # weeks in order, each on the last's champion
     by_id = {p.id: f"{p.group}.{p.task_id}" for p in RETRAINING_PHASES}
     assert set(dag.task_ids) == set(by_id.values())
@@ -119,9 +124,9 @@ def test_retraining_tasks_read_their_run_data_interval() -> None:
     start = datetime(2026, 11, 15, tzinfo=UTC)
     scheduled = {"data_interval_start": start, "data_interval_end": start + timedelta(days=7)}
     assert interval_of(scheduled) == (start, start + timedelta(days=7))
-    # a manual run with a logical date has an empty interval: the week that starts there
+    # a run with an empty interval (a trigger timetable) reads the week before its logical date
     assert interval_of({"data_interval_start": start, "data_interval_end": start, "logical_date": start}) == (
-        start, start + timedelta(days=7))
+        start - timedelta(days=7), start)
     task = _dagbag().dags[RETRAINING_DAG].get_task("phase13_router_retraining.13a_collect_feedback")
     assert task.context_overrides(scheduled) == {"routing": {"retraining": {
         "interval_start": "2026-11-15T00:00:00+00:00", "interval_end": "2026-11-22T00:00:00+00:00"}}}
