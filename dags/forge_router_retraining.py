@@ -31,8 +31,13 @@ MLflow run, the ledger and the model version's tags.
 * No champion yet, or too little feedback in the week: the run is skipped, saying why.
 * Idempotent per week: re-running a week with the same feedback reuses its outputs (cache hits) and
   registers nothing new. Past weeks: `airflow backfill create --dag-id forge_router_retraining
-  --from-date 2026-11-15 --to-date 2026-11-22` runs the weeks starting on those Sundays, in order. A manual
-  trigger retrains on the last complete week.
+  --from-date 2026-11-15 --to-date 2026-11-22 --reprocess-behavior failed` runs the weeks starting on
+  those Sundays, in order: each week's first task waits until the week before has decided
+  (`wait_for_downstream`), so a week is always measured against the champion the week before left,
+  whatever the backfill's `--max-active-runs`. (Airflow refuses a backfill of such a DAG without
+  `--reprocess-behavior failed` or `completed`: say which weeks already run are run again.) A week that
+  failed holds the weeks after it until it is cleared (re-run) or marked. A manual trigger retrains on the
+  last complete week.
 """
 
 dag = build_retraining_dag(

@@ -64,7 +64,12 @@ def build_retraining_dag(dag_id: str, *, doc_md: str, start_date: datetime, sche
              tags=["forge", "routing", "13A"], max_active_runs=1,  # weeks in order: each builds on the last
              **dag_kwargs) as dag:
         group = TaskGroup(group_id=RETRAINING_GROUP)
-        tasks = {p.id: RouterRetrainingOperator(phase_id=p.id, task_group=group) for p in RETRAINING_PHASES}
+        # A week starts once the week before has decided: its first step reads the champion, so it waits
+        # for the previous run's first step and what directly follows it (Airflow's wait_for_downstream).
+        # max_active_runs does not hold backfill runs: a backfill has its own (default 10).
+        tasks = {p.id: RouterRetrainingOperator(phase_id=p.id, task_group=group,
+                                                wait_for_downstream=not p.inputs)
+                 for p in RETRAINING_PHASES}
         for p in RETRAINING_PHASES:
             for upstream in p.inputs:
                 tasks[upstream] >> tasks[p.id]

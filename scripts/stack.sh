@@ -46,7 +46,9 @@ write_env() {
     [AIRFLOW__CORE__DAGS_FOLDER]="$REPO/dags"
     [AIRFLOW__CORE__PLUGINS_FOLDER]="$REPO/plugins"
     [AIRFLOW__CORE__EXECUTOR]="LocalExecutor"
-    [AIRFLOW__DATABASE__SQL_ALCHEMY_CONN]="sqlite:///$FORGE_HOME/airflow/airflow.db"
+    # timeout: how long a writer waits for SQLite's lock (sqlite3's default, 5 s, was too short for a CLI
+    # `airflow backfill create` beside the scheduler while tasks loaded both cores)
+    [AIRFLOW__DATABASE__SQL_ALCHEMY_CONN]="sqlite:///$FORGE_HOME/airflow/airflow.db?timeout=60"
     [AIRFLOW__CORE__LOAD_EXAMPLES]="False"
     [AIRFLOW__CORE__PARALLELISM]="4"
     [AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION]="False"

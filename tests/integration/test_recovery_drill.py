@@ -10,7 +10,8 @@ One stack (scripts/stack.sh, temp FORGE_HOME, free ports) serves every scenario,
   (e) store level, no stack: a job SIGKILLed while committing leaves no manifest; nothing reads its
       half-written files and the retry replaces them
   (f) `airflow backfill create` of forge_router_retraining over two past weeks of feedback: one run per
-      week, in order, each reading its own week; the first promotes, the second (lying feedback) does not
+      week, each reading its own week, the second starting once the first has decided (the backfill
+      itself would run both at once); the first promotes, the second (lying feedback) does not
 Each scenario prints its wall time (`pytest -s` shows them).
 """
 
@@ -505,6 +506,7 @@ RETRAIN_WEEK2 = "2026-11-08"
 class RetrainingBackfill:
     runs: list[dict[str, Any]]  # the backfill's dag runs, oldest first
     tis: dict[str, dict[str, str]]  # run id -> task id -> state
+    spans: dict[str, dict[str, tuple[str, str]]]  # run id -> task id -> (start, end), ISO UTC
     decisions: dict[str, dict[str, Any]]  # run id -> decision.json
     champion_before: str
     champion_after: str
@@ -532,7 +534,8 @@ def retraining_backfill(stack: Stack, backfilled: Backfill) -> RetrainingBackfil
     before = str(registry.get_model_version_by_alias(name, "champion").version)
     conf = {"profile": "demo", "overrides": {"routing": {"retraining": {"epochs": 25}}}}
     out = stack.airflow_cli("backfill", "create", "--dag-id", RETRAINING_DAG, "--from-date", RETRAIN_WEEK1,
-                            "--to-date", RETRAIN_WEEK2, "--dag-run-conf", json.dumps(conf))
+                            "--to-date", RETRAIN_WEEK2, "--reprocess-behavior", "failed",
+                            "--dag-run-conf", json.dumps(conf))
     assert out.returncode == 0, f"airflow backfill create failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
     stack.client.set_paused(RETRAINING_DAG, False)
     deadline = time.monotonic() + RUN_TIMEOUT_S
@@ -544,9 +547,10 @@ def retraining_backfill(stack: Stack, backfilled: Backfill) -> RetrainingBackfil
         assert time.monotonic() < deadline, f"retraining backfill not done: {runs}"
         time.sleep(POLL_S)
     runs.sort(key=lambda r: r["logical_date"])
-    tis = {r["dag_run_id"]: {t["task_id"].split(".")[-1]: t["state"]
-                             for t in stack.client.task_instances(RETRAINING_DAG, r["dag_run_id"])}
-           for r in runs}
+    listed = {r["dag_run_id"]: stack.client.task_instances(RETRAINING_DAG, r["dag_run_id"]) for r in runs}
+    tis = {run: {t["task_id"].split(".")[-1]: t["state"] for t in ts} for run, ts in listed.items()}
+    spans = {run: {t["task_id"].split(".")[-1]: (t["start_date"], t["end_date"]) for t in ts}
+             for run, ts in listed.items()}
     decisions = {}
     for r in runs:
         m = store.run_manifest(r["dag_run_id"], "13A.promote")
@@ -554,10 +558,12 @@ def retraining_backfill(stack: Stack, backfilled: Backfill) -> RetrainingBackfil
             decisions[r["dag_run_id"]] = json.loads((store.materialize(m) / "decision.json").read_text())
     after = str(registry.get_model_version_by_alias(name, "champion").version)
     stack.timings["(f) retraining backfill, 2 weeks"] = time.monotonic() - started
-    return RetrainingBackfill(runs, tis, decisions, before, after)
+    return RetrainingBackfill(runs, tis, spans, decisions, before, after)
 
 
 def test_f_backfill_retrains_the_router_week_by_week(retraining_backfill: RetrainingBackfill) -> None:
+    from datetime import datetime
+
     rb = retraining_backfill
     assert [r["state"] for r in rb.runs] == ["success", "success"], rb.tis
     week1, week2 = rb.runs
@@ -565,6 +571,10 @@ def test_f_backfill_retrains_the_router_week_by_week(retraining_backfill: Retrai
     assert week1["data_interval_start"].startswith(RETRAIN_WEEK1)
     assert week2["data_interval_start"].startswith(RETRAIN_WEEK2)
     assert all(set(states.values()) == {"success"} for states in rb.tis.values()), rb.tis
+    # the backfill may start both runs at once (its own max_active_runs): week 2 still waits for week 1
+    s1, s2 = rb.spans[week1["dag_run_id"]], rb.spans[week2["dag_run_id"]]
+    week1_decided = datetime.fromisoformat(s1["13a_evaluate_and_promote"][1])
+    assert datetime.fromisoformat(s2["13a_collect_feedback"][0]) >= week1_decided, rb.spans
     d1, d2 = rb.decisions[week1["dag_run_id"]], rb.decisions[week2["dag_run_id"]]
     assert d1["promote"] is True and d1["champion_version"] == rb.champion_before
     assert d2["promote"] is False and d2["champion_version"] != rb.champion_before  # built on week 1's

@@ -87,9 +87,12 @@ def test_scheduled_dag_is_weekly_paused_and_backfillable() -> None:
 
 
 @pytest.mark.parametrize("dag_id", DAG_IDS)
-def test_dag_serializes_with_its_params_and_links(dag_id: str) -> None:
+def test_dag_serializes_with_its_params_and_links(dag_id: str, monkeypatch: pytest.MonkeyPatch) -> None:
     from airflow.serialization.serialized_objects import DagSerialization
 
+    # As the API server deserializes (it resolves links through plugins). The flag is class-wide and an
+    # earlier dag.test() in this process may have left it at the scheduler's False.
+    monkeypatch.setattr(DagSerialization, "_load_operator_extra_links", True)
     dag = _dagbag().dags[dag_id]
     data = DagSerialization.to_dict(dag)
     restored = DagSerialization.from_dict(data)
@@ -112,8 +115,11 @@ def test_retraining_dag_is_weekly_backfillable_and_skips_downstream_of_a_skip() 
         task = dag.get_task(by_id[p.id])
         assert task.upstream_task_ids == {by_id[i] for i in p.inputs}
         assert task.trigger_rule == "all_success"  # no champion / no feedback: the rest skips too
+        # a backfill ignores max_active_runs: the week's first step waits for the last week's decision
+        assert (task.depends_on_past, task.wait_for_downstream) == ((not p.inputs,) * 2)
     assert set(dag.params) == {"profile", "overrides"}
     assert "airflow backfill create --dag-id forge_router_retraining" in dag.doc_md
+    assert "--reprocess-behavior failed" in dag.doc_md  # Airflow refuses the backfill without one
 
 
 def test_retraining_tasks_read_their_run_data_interval() -> None:
