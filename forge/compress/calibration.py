@@ -17,7 +17,6 @@ Read top to bottom: 1. features  2. split  3. temperature scaling  4. Platt scal
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import math
@@ -32,7 +31,7 @@ import numpy as np
 from forge.artifacts import sha256_file
 from forge.compress.calibration_config import CalibrationConfig
 from forge.config import EvalConfig
-from forge.data.records import DataError, prompt_messages, read_jsonl, write_jsonl
+from forge.data.records import DataError, prompt_messages, read_jsonl, stable_unit, write_jsonl
 
 if TYPE_CHECKING:
     from forge.evaluate.harness import Backend
@@ -139,8 +138,7 @@ def compute_features(backend: Backend, rows: Sequence[dict[str, Any]],
 
 def split_unit(row_id: str, seed: int) -> float:
     """A stable uniform number in [0, 1) from the row id: the same row lands on the same side every run."""
-    digest = hashlib.sha256(f"forge-calibration|{seed}|{row_id}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64
+    return stable_unit(f"forge-calibration|{seed}|{row_id}")
 
 
 def fit_mask(ids: Sequence[str], cfg: CalibrationConfig) -> np.ndarray:

@@ -7,14 +7,13 @@ pretrain.txt (plain "prompt\\nanswer\\n\\n" text, no chat tokens), stats.json.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import random
 from collections import Counter, defaultdict
 from typing import Any
 
-from forge.data.records import DataError, prompt_messages, reference, write_jsonl
+from forge.data.records import DataError, prompt_messages, reference, stable_int, write_jsonl
 from forge.runner import JobContext, JobResult
 
 log = logging.getLogger("forge.data")
@@ -29,7 +28,7 @@ SELF_CHECK_PER_GROUP = 32
 
 def user_row_split(row_id: str) -> str:
     """train or heldout, by a stable hash of the id (the same row always lands in the same split)."""
-    bucket = int.from_bytes(hashlib.sha256(row_id.encode()).digest()[:8], "big") % 100
+    bucket = stable_int(row_id) % 100
     return "heldout" if bucket < USER_HELDOUT_PERCENT else "train"
 
 

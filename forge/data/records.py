@@ -7,6 +7,7 @@ reference assistant answer; `check` says how to verify a model's answer (forge.d
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -17,6 +18,16 @@ ROLES = {"system", "user", "assistant"}
 
 class DataError(ValueError):
     """A bad dataset row or file; the message names the file, the row and the field."""
+
+
+def stable_int(text: str) -> int:
+    """A 64-bit number from a string, the same on every machine and run (unlike hash())."""
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big")
+
+
+def stable_unit(text: str) -> float:
+    """A uniform number in [0, 1) from a string: the same row lands on the same side of a split every run."""
+    return stable_int(text) / 2**64
 
 
 def validate_row(row: Any, where: str) -> dict[str, Any]:

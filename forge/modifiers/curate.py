@@ -13,7 +13,6 @@ each tier handled and cost). Fewer than modifiers.min_train_rows training rows: 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import re
@@ -22,7 +21,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from forge.data.records import DataError, prompt_messages, read_jsonl, write_jsonl
+from forge.data.records import DataError, prompt_messages, read_jsonl, stable_unit, write_jsonl
 from forge.modifiers.collect import prompt_key
 from forge.modifiers.generation import (
     STEP_OF_TIER,
@@ -80,7 +79,7 @@ def answer_problem(answer: str, max_chars: int) -> str | None:
 
 def val_score(row_id: str) -> float:
     """A stable number in [0, 1) per id: the same row always lands in the same split."""
-    return int.from_bytes(hashlib.sha256(f"forge-val|{row_id}".encode()).digest()[:8], "big") / 2 ** 64
+    return stable_unit(f"forge-val|{row_id}")
 
 
 Rows = list[dict[str, Any]]

@@ -36,11 +36,12 @@ positives). Pure Python, cheap to import.
 
 from __future__ import annotations
 
-import hashlib
 import random
 import re
 from collections.abc import Callable, Sequence
 from typing import Any
+
+from forge.data.records import stable_int
 
 SPLITS = ("train", "val", "test")
 TEST_EVERY = 3  # entry i of every phrasing list is test-only when i % TEST_EVERY == TEST_EVERY - 1
@@ -238,10 +239,6 @@ def _upper_first(text: str) -> str:
     return text[:1].upper() + text[1:]
 
 
-def _stable_int(text: str) -> int:
-    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big")
-
-
 # ---- rephrasing ------------------------------------------------------------------------------------------
 
 def _swap_synonyms(text: str, rng: random.Random, split: str) -> str:
@@ -403,7 +400,7 @@ def make_pairs(n: int, seed: int, split: str, previous: Sequence[str]) -> list[d
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS} (got {split!r})")
     pool = PromptPool(previous)
-    rng = random.Random(_stable_int(f"forge-escalation|{split}|{seed}|{n}|{len(pool.prompts)}"))
+    rng = random.Random(stable_int(f"forge-escalation|{split}|{seed}|{n}|{len(pool.prompts)}"))
     labels = [1] * (n // 2) + [0] * (n - n // 2)
     rng.shuffle(labels)
     rows: list[dict[str, Any]] = []

@@ -16,14 +16,13 @@ The runner registers detector/ as a model version (routing.detector.registered_m
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from forge.data.records import DataError, read_jsonl, write_jsonl
+from forge.data.records import DataError, read_jsonl, stable_int, write_jsonl
 
 if TYPE_CHECKING:
     from forge.routing.escalation import DetectorTraining
@@ -52,7 +51,7 @@ def split_pool(prompts: Sequence[str], where: str) -> dict[str, list[str]]:
         lo += tenths
     pools: dict[str, list[str]] = {name: [] for name, _ in POOL_SPLITS}
     for p in prompts:
-        bucket = int.from_bytes(hashlib.sha256(f"forge-6b|{p}".encode()).digest()[:8], "big") % 10
+        bucket = stable_int(f"forge-6b|{p}") % 10
         pools[next(n for n, (a, b) in edges.items() if a <= bucket < b)].append(p)
     small = {n: len(v) for n, v in pools.items() if len(v) < 2}
     if small:

@@ -21,7 +21,6 @@ outranks a detected escalation.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -34,6 +33,7 @@ from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 from forge.artifacts import ArtifactStore
+from forge.data.records import stable_unit
 
 KINDS = ("decision", "rating", "escalation")
 _STR, _NUM, _BOOL = (str,), (int, float), (bool,)
@@ -259,8 +259,7 @@ def _drop_unknown_references(batch: FeedbackBatch) -> None:
 
 def holdout_unit(request_id: str, seed: int = 0) -> float:
     """A stable number in [0, 1) per request: the same request lands on the same side every run."""
-    digest = hashlib.sha256(f"forge-feedback|{seed}|{request_id}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64
+    return stable_unit(f"forge-feedback|{seed}|{request_id}")
 
 
 def labelled_examples(events: Iterable[Mapping[str, Any]], options: Sequence[str],

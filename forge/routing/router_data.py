@@ -18,7 +18,6 @@ Label (which option to route to), from what the options did, not from the domain
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from collections.abc import Sequence
@@ -27,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from forge.data.records import DataError, prompt_messages
+from forge.data.records import DataError, prompt_messages, stable_unit
 from forge.routing.router import BASE
 
 if TYPE_CHECKING:
@@ -53,7 +52,7 @@ def routing_suites(cfg: PipelineConfig) -> list[tuple[str, str]]:
 
 
 def split_of(query_id: str, seed: int, val_fraction: float, test_fraction: float) -> str:
-    u = int.from_bytes(hashlib.sha256(f"forge-router|{seed}|{query_id}".encode()).digest()[:8], "big") / 2**64
+    u = stable_unit(f"forge-router|{seed}|{query_id}")
     return "test" if u < test_fraction else "val" if u < test_fraction + val_fraction else "train"
 
 

@@ -16,13 +16,13 @@ so every request of a session sees the same arm, and the arm is logged with each
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from forge.data.records import stable_unit
 from forge.routing.router import best_modifier, decide
 
 
@@ -107,7 +107,7 @@ def ab_arm(session_id: str, arms: Sequence[Mapping[str, Any]]) -> Mapping[str, A
     """The arm of a session: a stable hash of its id into the arms' cumulative weights."""
     if not arms:
         raise ValueError("ab_arm: no arms")
-    u = int.from_bytes(hashlib.sha256(f"forge-ab|{session_id}".encode()).digest()[:8], "big") / 2**64
+    u = stable_unit(f"forge-ab|{session_id}")
     total = sum(float(a["weight"]) for a in arms)
     edge = 0.0
     for arm in arms:

@@ -10,11 +10,11 @@ or any new name) draws from the remaining ones, each split from its own random s
 
 from __future__ import annotations
 
-import hashlib
 import random
 from types import ModuleType
 from typing import Any
 
+from forge.data.records import stable_int
 from forge.data.suites import (
     automation,
     code,
@@ -51,12 +51,8 @@ TRAIN_BUCKETS = frozenset(range(6, N_BUCKETS))
 MAX_REPEAT_STREAK = 2000
 
 
-def _stable_int(text: str) -> int:
-    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big")
-
-
 def prompt_bucket(domain: str, prompt: str) -> int:
-    return _stable_int(f"{domain}|{prompt}") % N_BUCKETS
+    return stable_int(f"{domain}|{prompt}") % N_BUCKETS
 
 
 def split_buckets(split: str) -> frozenset[int]:
@@ -69,7 +65,7 @@ def generate(domain: str, n: int, seed: int, split: str) -> list[dict[str, Any]]
         raise ValueError(f"unknown suite domain {domain!r}; known: {sorted(SUITES)}")
     if n < 0:
         raise ValueError(f"n must be >= 0 (got {n})")
-    rng = random.Random(_stable_int(f"forge-suite|{domain}|{split}|{seed}"))
+    rng = random.Random(stable_int(f"forge-suite|{domain}|{split}|{seed}"))
     buckets = split_buckets(split)
     make_task = SUITES[domain].make_task
     rows: list[dict[str, Any]] = []
