@@ -32,6 +32,7 @@ from forge.routing.router_data import (
     score_option,
 )
 from forge.routing.thresholds import plot_cost_quality, reference_points, replay, sweep, threshold_for_share
+from forge.routing.timing import summary, time_calls
 from forge.runner import JobContext, JobResult, input_file
 
 log = logging.getLogger("forge.routing")
@@ -87,8 +88,6 @@ def train_one(table: RoutingTable, X: np.ndarray, features: dict[str, Any], ctx:
 
 def time_router(extractor: Any, router: Router, queries: list[str], n: int) -> np.ndarray:
     """ms per single query: embedding + router probabilities (forge.routing.timing)."""
-    from forge.routing.timing import time_calls
-
     return time_calls(lambda q: router.probs(extractor.embed([q])), queries, n)
 
 
@@ -148,8 +147,7 @@ def run(ctx: JobContext) -> JobResult:
             feats[kind] = extractor.embed(table.queries)
             routers[kind], results[kind] = train_one(table, feats[kind], extractor.spec(), ctx, grid)
             lat = time_router(extractor, routers[kind], table.queries, rc.latency_queries)
-            results[kind]["latency_ms"] = {"p50": float(np.percentile(lat, 50)),
-                                           "p99": float(np.percentile(lat, 99))}
+            results[kind]["latency_ms"] = summary(lat)
         finally:
             extractor.close()
     chosen = pick(results, rc.features)

@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from forge.routing.timing import summary
 from forge.runner import JobContext, JobResult
 
 log = logging.getLogger("forge.routing")
@@ -172,7 +173,7 @@ def run(ctx: JobContext) -> JobResult:
     y = np.array([e["dissatisfied"] for e in events])
     pred = np.array([e["escalated"] for e in events])
     wrong_first = [e for e in events if not e["first_right"]]
-    latencies = np.array([t for e in events for t in e["latency_ms"]])
+    route_ms = summary(np.array([t for e in events for t in e["latency_ms"]]))
     report = {
         "store": "redis" if store_cfg.url.startswith("redis") else "sqlite", "sessions": len(convs),
         "requests": int(2 * len(events)), "threads": sc.replay_threads,
@@ -204,8 +205,7 @@ def run(ctx: JobContext) -> JobResult:
                "escalation_recall": recall, "escalation_precision": precision,
                "fixed_by_escalation": float(report["fixed_by_escalation"]),
                "max_session_kb": max(sizes) / 1024, "persistence_ok": 1.0,
-               "route_p50_ms": float(np.percentile(latencies, 50)),
-               "route_p99_ms": float(np.percentile(latencies, 99))}
+               "route_p50_ms": route_ms["p50"], "route_p99_ms": route_ms["p99"]}
     metrics = {**quality, "store_ops_per_s": ops / seconds, "replay_seconds": seconds,
                "feedback_events": float(report["feedback"]["valid"])}
     notes = (f"{len(convs)} sessions x 4 requests on {report['store']} ({sc.replay_threads} threads): every "
