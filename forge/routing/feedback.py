@@ -140,9 +140,14 @@ class FeedbackWriter:
         for e in events:
             by_day.setdefault(partition(e["ts"]), []).append(e)
         written = []
-        for day, rows in sorted(by_day.items()):
+        for i, (day, rows) in enumerate(sorted(by_day.items())):
             uri = f"{self.root}/{day}/{int(time.time() * 1000)}-{os.getpid()}-{id(self):x}-{part}.jsonl"
-            self.store.write_text(uri, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+            try:
+                self.store.write_text(uri, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+            except Exception:  # nothing is lost: the unwritten days go back to the buffer for the next flush
+                with self._lock:
+                    self._buffer[:0] = [e for _, rs in sorted(by_day.items())[i:] for e in rs]
+                raise
             written.append(uri)
         return written
 

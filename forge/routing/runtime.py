@@ -89,7 +89,10 @@ class RoutingRuntime:
     def arm(self, session_id: str) -> dict[str, Any]:
         return dict(ab_arm(session_id, self.policy.arms))
 
-    def route(self, session_id: str, message: str, request_id: str | None = None) -> Decision:
+    def route(self, session_id: str, message: str, request_id: str | None = None,
+              prefer_modifier: bool = False) -> Decision:
+        """prefer_modifier (serving's accurate mode): the best modifier answers a new question whatever the
+        threshold; the decision logged (and kept in the session) is the option that really answers."""
         started = time.perf_counter()
         request_id = request_id or uuid.uuid4().hex
         session = self.sessions.get(session_id) or {"turns": [], "decisions": []}
@@ -114,7 +117,10 @@ class RoutingRuntime:
         else:
             query = message
             p = self.probs(query)
-            choice = int(decide(p[None, :], float(arm["threshold"]))[0])
+            if prefer_modifier and len(self.classes) > 1:
+                choice = 1 + int(np.argmax(p[1:]))
+            else:
+                choice = int(decide(p[None, :], float(arm["threshold"]))[0])
         decision = Decision(request_id, session_id, query, self.classes[choice], float(p[choice]),
                             float(arm["threshold"]), str(arm["name"]), escalated, score,
                             last["request_id"] if escalated else None,
