@@ -4,6 +4,7 @@
   python -m forge pipeline --run-id dev1 [--profile demo]     # every phase in order
   python -m forge ledger --run-id dev1
   python -m forge phases
+  python -m forge serve --run-id dev1 | --release DIR [--host H] [--port P] [--no-ui]   # 8B-8D on one port
 """
 
 from __future__ import annotations
@@ -52,6 +53,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile")
     p.add_argument("--config")
     sub.add_parser("phases")
+    p = sub.add_parser("serve", help="the inference server over a release (8A's output or a folder)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--release", help="a release folder (release.json inside)")
+    src.add_argument("--run-id", help="serve the release 8A assembled in this run")
+    p.add_argument("--profile")
+    p.add_argument("--config")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--host")
+    p.add_argument("--port", type=int)
+    p.add_argument("--no-ui", action="store_true", help="the API and /metrics only, no Gradio chat")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stdout)
@@ -69,8 +80,10 @@ def main(argv: list[str] | None = None) -> int:
         from forge.config import deep_merge
 
         overrides = {}
-        if args.cmd != "ledger":
+        if args.cmd in ("run", "pipeline"):
             overrides = deep_merge(json.loads(args.conf), parse_sets(args.set))
+        elif args.cmd == "serve":
+            overrides = parse_sets(args.set)
         cfg = load_config(args.config, args.profile, overrides)
     except (ConfigError, json.JSONDecodeError) as exc:
         print(exc, file=sys.stderr)
@@ -82,6 +95,12 @@ def main(argv: list[str] | None = None) -> int:
         from forge.ledger import read_rows, render
 
         print(render(read_rows(make_store(cfg), args.run_id)), end="")
+        return 0
+    if args.cmd == "serve":
+        from forge.serve.server import release_of_run, serve
+
+        release = args.release or release_of_run(make_store(cfg), args.run_id)
+        serve(release, cfg, args.host, args.port, with_ui=not args.no_ui)
         return 0
     phases = [args.phase] if args.cmd == "run" else [p.id for p in pipeline_phases(cfg)]
     for phase_id in phases:

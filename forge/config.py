@@ -24,6 +24,7 @@ from forge.config_base import Strict
 from forge.modifiers.modifier_config import ModifiersConfig
 from forge.modifiers.teacher_config import PLAN_TEACHERS, PLAN_TIERS, CascadeConfig
 from forge.routing.routing_config import RoutingConfig
+from forge.serve.serve_config import ServingConfig
 from forge.train.distill_config import DistillConfig
 from forge.train.recovery_config import RecoveryConfig
 
@@ -206,6 +207,8 @@ class PipelineConfig(Strict):
     modifiers: ModifiersConfig = ModifiersConfig()
     # 6A-6D router, escalation detector, thresholds, session memory; 13A weekly retraining
     routing: RoutingConfig = RoutingConfig()
+    # 8A-8D serving, 10A modes, 11A self-consistency, 12A-B self-critique
+    serving: ServingConfig = ServingConfig()
     eval: EvalConfig = EvalConfig()
     storage: StorageConfig = StorageConfig()
     tracking: TrackingConfig = TrackingConfig()
@@ -270,6 +273,10 @@ class PipelineConfig(Strict):
         they name, its judge and the cost cap: another domain's teachers changing must not invalidate it)."""
         if name == "domains":
             return {"domains": self.domains}
+        if name == "serving.hub_upload":  # 8A: a token or none changes its output (only the bool is hashed)
+            sc = self.serving
+            return {"hub_repo": sc.hub_repo, "hub_private": sc.hub_private,
+                    "token_set": bool(os.environ.get(sc.hf_token_env))}
         if name.startswith("teachers:"):
             domain = name.split(":", 1)[1]
             tiers = self.teachers.domains.get(domain, [])

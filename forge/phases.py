@@ -171,6 +171,39 @@ def routing_phases(catalog: Mapping[str, ModifierDomainConfig]) -> tuple[Phase, 
     )
 
 
+# ---- 8, 10A, 11A, 12A-B: serving, modes, self-consistency, self-critique -----------------------------------
+
+SERVE_GROUP, MODES_GROUP, CRITIQUE_GROUP = "phase8_serving", "phase10_11_modes", "phase12_self_critique"
+
+
+def serving_phases(catalog: Mapping[str, ModifierDomainConfig]) -> tuple[Phase, ...]:
+    """12A trains the critic; 8A assembles the release (what the server loads) from 2C/2E/2F, every catalog
+    domain's H (a domain the run does not enable is no option), 6B/6C and 12A; 8B-8D, 10A, 11A and 12B run the
+    real server over that release."""
+    h_ids = tuple(modifier_phase_id(spec, "H") for spec in catalog.values())
+    return (
+        Phase("12A", "12a_critique_classifier", CRITIQUE_GROUP,
+              "Critique classifier: (question, answer) -> 0-10", "forge.serve.critique_trainer:run",
+              ("prep_data", "2C", "2E"), ("serving.critique", "gguf", "eval")),
+        Phase("8A", "8a_release_and_hub_upload", SERVE_GROUP, "Release folder + model card; HF Hub upload",
+              "forge.serve.hub_release:run", ("prep_data", "2C", "2E", "2F", *h_ids, "6B", "6C", "12A"),
+              ("serving.hub_upload", "modifiers.enabled")),
+        Phase("8B", "8b_rest_api", SERVE_GROUP, "OpenAI-compatible REST API: contract checks, OpenAPI spec",
+              "forge.serve.phase_jobs:api_check", ("8A",), ("serving",)),
+        Phase("8C", "8c_gradio_chat", SERVE_GROUP, "Gradio chat with routing panel and feedback",
+              "forge.serve.phase_jobs:chat_check", ("8A",), ("serving",)),
+        Phase("8D", "8d_monitoring", SERVE_GROUP, "Prometheus metrics, JSON logs, Grafana dashboard",
+              "forge.serve.phase_jobs:monitoring", ("8A",), ("serving",)),
+        Phase("10A", "10a_fast_accurate_modes", MODES_GROUP, "Modes: fast / accurate / auto, per domain",
+              "forge.serve.phase_jobs:modes_eval", ("8A",),
+              ("serving", "eval", "domains", "modifiers.enabled")),
+        Phase("11A", "11a_self_consistency", MODES_GROUP, "Self-consistency: sampled paths, majority vote",
+              "forge.serve.phase_jobs:self_consistency_eval", ("8A",), ("serving.self_consistency", "eval")),
+        Phase("12B", "12b_critique_regenerate", CRITIQUE_GROUP, "Generate -> critique -> regenerate if < 7",
+              "forge.serve.phase_jobs:critique_eval", ("8A",), ("serving.critique", "eval")),
+    )
+
+
 # ---- 13A: the weekly router retraining (its own DAG, forge_router_retraining) ----------------------------
 
 RETRAINING_GROUP = "phase13_router_retraining"
@@ -218,7 +251,7 @@ def pipeline_phases(catalog: Mapping[str, ModifierDomainConfig] | PipelineConfig
         catalog = catalog.modifiers.domains
     catalog = _default_catalog() if catalog is None else catalog
     mods = [p for domain, spec in catalog.items() for p in modifier_phases(domain, spec)]
-    return (*PHASES, *mods, *routing_phases(catalog))
+    return (*PHASES, *mods, *routing_phases(catalog), *serving_phases(catalog))
 
 
 def phases_by_id(catalog: Mapping[str, ModifierDomainConfig] | PipelineConfig | None = None,

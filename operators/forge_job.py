@@ -14,6 +14,7 @@ from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
 from forge.config import ConfigError, PipelineConfig, deep_merge, load_config
 from forge.phases import get_phase
+from operators.hooks.hub import HubTokenHook
 from operators.hooks.mlflow import mlflow_run_url
 from operators.hooks.storage import ArtifactStoreHook
 from operators.hooks.teachers import TeacherKeysHook
@@ -94,7 +95,8 @@ class ForgeJobOperator(BaseOperator):
         run_id = context["run_id"]
         storage = ArtifactStoreHook(cfg.storage).get_credentials()
         try:  # teacher API keys from Airflow connections, exported as the env vars the job reads
-            keys = TeacherKeysHook(cfg, get_phase(self.phase_id, cfg)).key_env()
+            phase = get_phase(self.phase_id, cfg)
+            keys = {**TeacherKeysHook(cfg, phase).key_env(), **HubTokenHook(cfg, phase).token_env()}
         except ValueError as exc:
             raise AirflowFailException(str(exc)) from exc
         request = JobRequest(phase_id=self.phase_id, run_id=run_id, config=cfg, overrides=overrides,

@@ -22,7 +22,8 @@ from operators.trigger_form import trigger_params
 
 DESCRIPTION = ("Forge: base model -> vocab analysis -> QLoRA base training -> failure analysis "
                "-> compression (pruning, AWQ, GGUF, recovery LoRA, calibration) -> distillation "
-               "-> domain modifiers (teacher cascade + Axolotl)")
+               "-> domain modifiers (teacher cascade + Axolotl) -> router -> release, serving checks, "
+               "modes, self-consistency, self-critique")
 TAGS = ("forge", "llm", "training")
 
 

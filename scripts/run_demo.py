@@ -225,6 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ApiError, OSError) as exc:
         print(f"run_demo: could not start the run: {exc}", file=sys.stderr)
         return 2
+    # make run serves this run's release (8A) once it succeeds
+    (Path(os.environ.get("FORGE_HOME", REPO / ".forge")) / "last_run_id").write_text(run_id + "\n")
     print(f"Triggered {DAG_ID} run {run_id} (profile {args.profile}); following it "
           f"(Airflow UI {args.airflow_url}, MLflow UI {args.mlflow_url})", flush=True)
     return follow_and_report(client, run_id, args.airflow_url, args.mlflow_url, cfg,

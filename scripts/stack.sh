@@ -37,6 +37,10 @@ write_env() {
   if [[ ! -s "$jwt" ]]; then  # generated once: every component must sign and verify with it
     (umask 077 && head -c 64 /dev/urandom | base64 -w0 > "$jwt")
   fi
+  local serve_key="$FORGE_HOME/serve_api_key"
+  if [[ ! -s "$serve_key" ]]; then  # the inference server's API key (make run prints it), generated once
+    (umask 077 && echo "sk-forge-$(head -c 24 /dev/urandom | base64 -w0 | tr -d '/+=')" > "$serve_key")
+  fi
   (umask 077 && "$BIN/python" -c 'import json,sys; print(json.dumps({"admin": sys.argv[1]}))' \
     "$ADMIN_PASSWORD" > "$pwfile")
   local -A env=(
@@ -63,6 +67,8 @@ write_env() {
     [AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE]="$pwfile"
     [FORGE_AIRFLOW_URL]="$AIRFLOW_URL"
     [FORGE_MLFLOW_URL]="$MLFLOW_URL"
+    [FORGE_SERVE_URL]="http://127.0.0.1:${FORGE_SERVE_PORT:-8000}"
+    [FORGE_API_KEYS]="$(cat "$serve_key")"
     # Up to 4 tasks share the cores, each with torch's OpenMP pool; spinning idle threads (the default) made
     # two 2-thread trainings on 2 cores 5.5x slower each, passive ones 1.1x (benchmarks/README.md)
     [OMP_WAIT_POLICY]="${OMP_WAIT_POLICY:-PASSIVE}"

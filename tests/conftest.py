@@ -45,6 +45,10 @@ TINY_OVERRIDES = {
                              "teacher_batch_size": 16, "teacher_lr": 3e-4, "student_epochs": 10,
                              "latency_pairs": 40},
                 "sessions": {"replay_sessions": 8, "replay_threads": 2}},
+    "serving": {"workers": 2, "default_max_tokens": 16, "modes_eval_rows": 2,
+                "self_consistency": {"samples": 3, "eval_rows": 4},
+                "critique": {"train_examples": 400, "model_answers": 16, "epochs": 15, "hidden_dim": 64,
+                             "eval_rows": 4}},
 }
 # The phases every teacher, distillation and modifier job builds on: one tiny run shared per test session.
 UPSTREAM_PHASES = ("prep_data", "prep_model", "0A", "0B", "1A", "1B", "2A", "2C", "2E")

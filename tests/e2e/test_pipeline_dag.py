@@ -311,3 +311,33 @@ def test_routing_phases_report_accuracy_curve_threshold_and_register(pipeline_ru
         assert len(runtime.sessions.get("e2e")["decisions"]) == 2
     finally:
         runtime.close()
+
+
+def test_serving_phases_release_modes_and_enhancements(pipeline_run: dict[str, Any]) -> None:
+    """8A-8D, 10A, 11A, 12A-B: the release 8A assembled loads (checksums verified) with the base, every
+    enabled modifier, the router, detector and critic; the evaluations report per-mode accuracy and the
+    self-consistency and self-critique measurements; 8B's contract checks and 8D's dashboard check passed."""
+    import json
+
+    from forge.ledger import read_rows
+    from forge.runner import make_store
+    from forge.serve.release import Release
+
+    cfg = run_config()
+    run_id = pipeline_run["dag_run"].run_id
+    store = make_store(cfg)
+    rows = {r["phase"]: r for r in read_rows(store, run_id)}
+    m8a = store.run_manifest(run_id, "8A")
+    release = Release.load(store.materialize(m8a) / m8a.info["release"])
+    assert release.options == ["base", *MODIFIERS]
+    assert release.policy_dir and release.detector_dir and release.critic_dir
+    assert (release.folder / "README.md").read_text().count(run_id) >= 1
+    api = json.loads((store.materialize(store.run_manifest(run_id, "8B")) / "api_report.json").read_text())
+    assert api["checks"] and all(c["ok"] for c in api["checks"])
+    m8d = store.run_manifest(run_id, "8D")
+    mon = json.loads((store.materialize(m8d) / "monitoring_report.json").read_text())
+    assert mon["missing"] == [] and mon["series_queried"]
+    assert {"acc_fast", "acc_accurate", "acc_auto"} <= set(rows["10A"]["quality"])
+    assert {"acc_greedy", "acc_vote", "gain"} <= set(rows["11A"]["quality"])
+    assert {"error_before", "error_after", "error_reduction"} <= set(rows["12B"]["quality"])
+    assert 0.5 <= rows["12A"]["quality"]["critic_auc"] <= 1.0

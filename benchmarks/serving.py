@@ -1,0 +1,365 @@
+"""Serving benchmark (8B-8D, 10A, 11A, 12B): what Forge's server costs over raw llama-cpp-python, on this box.
+
+  .venv/bin/python benchmarks/serving.py --release DIR            # a release folder (8A's output)
+  .venv/bin/python benchmarks/serving.py --run-id RUN             # the release 8A assembled in that run
+  python3 benchmarks/serving.py --release DIR --n-gpu-layers -1   # a CUDA build of llama-cpp-python
+
+1. raw       llama-cpp-python alone on the same GGUF + recovery adapter: `Llama.generate` greedy, exactly
+             --tokens tokens after a chat-template prompt; time to first token and decode tokens/s
+2. engine    the same through Forge's ChatService in-process, per mode (fast / accurate / auto): routing,
+             queue, adapter switch, streaming included; the overhead ratio is engine / raw tokens/s
+3. switch    one worker alternating options: llama_set_adapters_lora + context reset, --switches times
+4. http      the real server (uvicorn + the OpenAI-compatible API) on loopback, the `openai` client per mode,
+             then --clients concurrent streaming clients: errors, aggregate tokens/s, TTFT p50/p99
+5. quality   (--quality-rows N) 11A's self-consistency and 12B's critique loop on N held-out rows per
+             domain: accuracy gain and latency cost (meaningful on a trained release, not a random model)
+Targets (the issue): fast mode >= 0.95x raw tokens/s; an adapter switch under 5 ms; 8 concurrent streaming
+clients without errors. Ends with one JSON line (and --json PATH).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np  # noqa: E402
+
+TARGET_OVERHEAD = 0.95
+TARGET_SWITCH_MS = 5.0
+QUESTION = "Explain, step by step, how a binary search finds a number in a sorted list of a thousand numbers."
+
+
+def pct(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q)) if values else 0.0
+
+
+def raw_llama(
+    release: Any, ids: list[int], tokens: int, repeats: int, n_ctx: int, a: argparse.Namespace
+) -> dict[str, Any]:
+    """llama-cpp-python with nothing of Forge around it: the floor the engine is compared with."""
+    from llama_cpp import Llama
+
+    from forge.evaluate.llama_cpp_params import plain_cpu_buffers
+
+    if a.n_gpu_layers == 0:  # as the engine does
+        plain_cpu_buffers()
+    lora = release.adapters.get("base")
+    llm = Llama(
+        model_path=str(release.gguf),
+        lora_path=str(lora) if lora else None,
+        n_ctx=n_ctx,
+        n_threads=a.threads,
+        n_threads_batch=a.threads,
+        n_gpu_layers=a.n_gpu_layers,
+        flash_attn=a.flash_attn,
+        verbose=a.verbose,
+    )
+    ttft, tps = [], []
+    for _ in range(repeats + 1):  # the first is a warm-up
+        llm.reset()
+        started = time.perf_counter()
+        first = last = started
+        for i, _tok in enumerate(llm.generate(ids, top_k=0, top_p=1.0, min_p=0.0, temp=0.0, reset=True)):
+            last = time.perf_counter()
+            if i == 0:
+                first = last
+            if i + 1 >= tokens:
+                break
+        ttft.append((first - started) * 1000)
+        tps.append((tokens - 1) / (last - first))
+    llm.close()
+    return {"ttft_ms": statistics.median(ttft[1:]), "tokens_per_s": statistics.median(tps[1:])}
+
+
+def engine_modes(service: Any, messages: list[dict[str, str]], tokens: int, repeats: int) -> dict[str, Any]:
+    from forge.serve.service import ChatRequest
+
+    out = {}
+    for mode in ("fast", "accurate", "auto"):
+        ttft, tps, options = [], [], []
+        for r in range(repeats + 1):
+            for w in service.engine.workers:  # idle between requests: clear the prompt cache, as raw runs do
+                w.llm.reset()
+            res = service.complete(
+                ChatRequest(
+                    messages, mode=mode, max_tokens=tokens, ignore_eos=True, session_id=f"bench-{mode}-{r}"
+                )
+            )
+            ttft.append(res.usage.first_token_ms)
+            tps.append(res.usage.tokens_per_s)
+            options.append(res.route.option)
+        out[mode] = {
+            "ttft_ms": statistics.median(ttft[1:]),
+            "tokens_per_s": statistics.median(tps[1:]),
+            "option": options[-1],
+        }
+    return out
+
+
+def switches(engine: Any, n: int) -> dict[str, Any]:
+    """One worker alternating every option (the worker thread is idle, blocked on the queue)."""
+    worker, options = engine.workers[0], engine.options
+    if len(options) < 2:
+        return {"skipped": "the release has one option: nothing to switch"}
+    ms = [worker.use(options[i % len(options)]) for i in range(n)]
+    return {"n": n, "p50_ms": pct(ms, 50), "p99_ms": pct(ms, 99), "max_ms": max(ms)}
+
+
+def http(service: Any, cfg: Any, messages: list[dict[str, str]], tokens: int, clients: int) -> dict[str, Any]:
+    from openai import OpenAI
+
+    from forge.serve.api import create_app
+    from forge.serve.server import BackgroundServer
+
+    key = "bench-key"
+    name = service.engine.release.name
+    out: dict[str, Any] = {}
+    with BackgroundServer(create_app(service, cfg.serving, [key])) as srv:
+
+        def stream(mode: str, session: str) -> tuple[float, float, int]:
+            client = OpenAI(base_url=f"{srv.url}/v1", api_key=key, max_retries=0, timeout=600)
+            started = time.perf_counter()
+            first, n = None, 0
+            for c in client.chat.completions.create(
+                model=name,
+                messages=messages,
+                max_tokens=tokens,
+                stream=True,
+                extra_body={"mode": mode, "ignore_eos": True, "session_id": session},
+            ):
+                if c.choices and c.choices[0].delta.content:
+                    n += 1
+                    first = first or time.perf_counter()
+            end = time.perf_counter()
+            return ((first or end) - started) * 1000, (n - 1) / (end - first) if first and n > 1 else 0.0, n
+
+        for mode in ("fast", "accurate", "auto"):
+            runs = [stream(mode, f"http-{mode}-{i}") for i in range(3)]
+            out[mode] = {
+                "ttft_ms": statistics.median(r[0] for r in runs[1:]),
+                "chunks_per_s": statistics.median(r[1] for r in runs[1:]),
+            }
+        results: list[tuple[float, float, int]] = []
+        errors: list[str] = []
+
+        def client_thread(i: int) -> None:
+            try:
+                results.append(stream("auto", f"conc-{i}"))
+            except Exception as e:  # counted: the target is zero
+                errors.append(f"{type(e).__name__}: {e}")
+
+        threads = [threading.Thread(target=client_thread, args=(i,)) for i in range(clients)]
+        started = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        wall = time.perf_counter() - started
+        out["concurrent"] = {
+            "clients": clients,
+            "errors": errors,
+            "completed": len(results),
+            "aggregate_chunks_per_s": sum(r[2] for r in results) / wall,
+            "ttft_p50_ms": pct([r[0] for r in results], 50),
+            "ttft_p99_ms": pct([r[0] for r in results], 99),
+            "wall_s": wall,
+        }
+    return out
+
+
+def quality(service: Any, cfg: Any, rows_per_domain: int) -> dict[str, Any]:
+    from forge.data.suites import generate
+    from forge.serve.phase_jobs import run_requests, summarize
+    from forge.serve.service import ChatRequest
+
+    sc, cc, n_tok = cfg.serving.self_consistency, cfg.serving.critique, cfg.eval.max_new_tokens
+    out: dict[str, Any] = {}
+    rows = [{**r, "domain": d} for d in sc.eval_domains for r in generate(d, rows_per_domain, 7, "heldout")]
+    g = summarize(
+        run_requests(service, rows, lambda r: ChatRequest([], mode="accurate", max_tokens=n_tok), "greedy")
+    )
+    v = summarize(
+        run_requests(
+            service,
+            rows,
+            lambda r: ChatRequest([], mode="accurate", max_tokens=n_tok, self_consistency=sc.samples),
+            "vote",
+        )
+    )
+    out["self_consistency"] = {
+        "samples": sc.samples,
+        "acc_greedy": g["accuracy"],
+        "acc_vote": v["accuracy"],
+        "gain": v["accuracy"] - g["accuracy"],
+        "latency_ratio": v["latency_ms"]["mean"] / g["latency_ms"]["mean"],
+    }
+    if service.critic is not None:
+        rows = [
+            {**r, "domain": d} for d in cc.eval_domains for r in generate(d, rows_per_domain, 7, "heldout")
+        ]
+        p = summarize(run_requests(service, rows, lambda r: ChatRequest([], max_tokens=n_tok), "plain"))
+        c = summarize(
+            run_requests(
+                service, rows, lambda r: ChatRequest([], max_tokens=n_tok, critique=True), "critique"
+            )
+        )
+        eb, ea = 1 - p["accuracy"], 1 - c["accuracy"]
+        out["critique"] = {
+            "error_before": eb,
+            "error_after": ea,
+            "relative_error_reduction": (eb - ea) / eb if eb else 0.0,
+            "added_latency_ms": c["latency_ms"]["mean"] - p["latency_ms"]["mean"],
+        }
+    else:
+        out["critique"] = {"skipped": "the release has no critic"}
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--release")
+    src.add_argument("--run-id")
+    ap.add_argument("--profile", default=None)
+    ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument(
+        "--threads", type=int, default=1, help="llama.cpp threads (CPU); 1 on a shared 2-core box"
+    )
+    ap.add_argument("--n-gpu-layers", type=int, default=0)
+    ap.add_argument("--n-ctx", type=int, default=2048)
+    ap.add_argument("--flash-attn", action="store_true", help="llama.cpp flash attention (engine and raw)")
+    ap.add_argument("--verbose", action="store_true", help="llama.cpp's log (and a crash's trace) on stderr")
+    ap.add_argument("--workers", type=int, default=2, help="engine workers for the concurrent clients")
+    ap.add_argument("--clients", type=int, default=8)
+    ap.add_argument("--switches", type=int, default=200)
+    ap.add_argument("--quality-rows", type=int, default=0)
+    ap.add_argument("--no-http", action="store_true")
+    ap.add_argument("--json", help="also write the result here")
+    a = ap.parse_args(argv)
+
+    from forge.config import load_config
+    from forge.serve.release import Release
+    from forge.serve.server import build_service
+
+    cfg = load_config(
+        profile=a.profile,
+        overrides={
+            "serving": {"n_ctx": a.n_ctx, "allow_no_auth": True},
+            "routing": {
+                "sessions": {"url": "sqlite:////tmp/forge-bench-sessions.db"},
+                "retraining": {"feedback_root": "file:///tmp/forge-bench-feedback"},
+            },
+        },
+    )
+    if a.release:
+        release_dir = Path(a.release)
+    else:
+        from forge.runner import make_store
+        from forge.serve.server import release_of_run
+
+        release_dir = release_of_run(make_store(cfg), a.run_id)
+    release = Release.load(release_dir)
+    result: dict[str, Any] = {
+        "release": release.name,
+        "gguf_bytes": release.gguf.stat().st_size,
+        "options": release.options,
+        "tokens": a.tokens,
+        "threads": a.threads,
+        "n_gpu_layers": a.n_gpu_layers,
+        "flash_attn": a.flash_attn,
+        "machine": platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+    }
+    gpu = {"n_gpu_layers": a.n_gpu_layers, "workers": 1, "n_threads": a.threads, "flash_attn": a.flash_attn,
+           "verbose": a.verbose}
+    print("loading the engine (1 worker) ...", flush=True)
+    service = build_service(release_dir, cfg, **gpu)
+    messages = [{"role": "user", "content": QUESTION}]
+    ids = service.engine.prompt_ids(messages, a.tokens)
+    result["prompt_tokens"] = len(ids)
+    print(
+        f"release {release.name}: {release.gguf.stat().st_size / 1e6:.1f} MB GGUF, options "
+        f"{release.options}, {len(ids)}-token prompt, {a.tokens} tokens per run, {a.threads} thread(s), "
+        f"n_gpu_layers {a.n_gpu_layers}"
+    )
+    n_ctx = service.engine.n_ctx  # the GGUF's trained context caps the configured one: raw runs with it too
+    try:
+        result["engine"] = engine_modes(service, messages, a.tokens, a.repeats)
+        result["switch"] = switches(service.engine, a.switches)
+    finally:
+        service.close()
+    print("raw llama-cpp-python ...", flush=True)
+    result["raw"] = raw_llama(
+        release, ids, a.tokens, a.repeats, n_ctx, a
+    )  # after: one model in memory at a time
+    fast = result["engine"]["fast"]["tokens_per_s"]
+    result["overhead_ratio"] = fast / result["raw"]["tokens_per_s"]
+    raw = result["raw"]
+    print(f"raw llama-cpp-python   TTFT {raw['ttft_ms']:8.1f} ms   {raw['tokens_per_s']:8.1f} tok/s")
+    for mode, m in result["engine"].items():
+        print(
+            f"engine {mode:9s}       TTFT {m['ttft_ms']:8.1f} ms   {m['tokens_per_s']:8.1f} tok/s   "
+            f"({m['option']})"
+        )
+    print(f"fast / raw tokens/s: {result['overhead_ratio']:.3f} (target >= {TARGET_OVERHEAD})")
+    sw = result["switch"]
+    if "p50_ms" in sw:
+        print(
+            f"adapter switch: p50 {sw['p50_ms']:.3f} ms, p99 {sw['p99_ms']:.3f} ms, "
+            f"max {sw['max_ms']:.3f} ms "
+            f"(target < {TARGET_SWITCH_MS} ms)"
+        )
+
+    if not a.no_http or a.quality_rows:
+        service = build_service(release_dir, cfg, **{**gpu, "workers": a.workers})
+        try:
+            if not a.no_http:
+                result["http"] = http(service, cfg, messages, a.tokens, a.clients)
+                for mode in ("fast", "accurate", "auto"):
+                    h = result["http"][mode]
+                    print(
+                        f"http {mode:9s}         TTFT {h['ttft_ms']:8.1f} ms   "
+                        f"{h['chunks_per_s']:8.1f} chunks/s"
+                    )
+                c = result["http"]["concurrent"]
+                print(
+                    f"{c['clients']} concurrent streams ({a.workers} workers): {c['completed']} completed, "
+                    f"{len(c['errors'])} errors, {c['aggregate_chunks_per_s']:.1f} chunks/s together, "
+                    f"TTFT p50 "
+                    f"{c['ttft_p50_ms']:.0f} / p99 {c['ttft_p99_ms']:.0f} ms"
+                )
+            if a.quality_rows:
+                result["quality"] = quality(service, cfg, a.quality_rows)
+                print("quality:", json.dumps(result["quality"]))
+        finally:
+            service.close()
+    result["targets"] = {
+        "overhead_ok": result["overhead_ratio"] >= TARGET_OVERHEAD,
+        "switch_ok": sw.get("p99_ms", 0.0) < TARGET_SWITCH_MS,
+        "concurrent_ok": "http" not in result or not result["http"]["concurrent"]["errors"],
+    }
+    line = json.dumps(result)
+    if a.json:
+        Path(a.json).write_text(line + "\n")
+    print(line)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
