@@ -264,7 +264,8 @@ def run(ctx: JobContext) -> JobResult:
     t0 = time.time()
     latency = summary(time_calls(lambda pair: critic.score(*pair), pairs_of(test)[:LATENCY_PAIRS]))
     seconds["latency"] = time.time() - t0
-    critic.info = {"metrics": {f"test_{k}": v for k, v in t.items()}, "phase": "12A", "run_id": ctx.run_id,
+    # no run id in the file: a recomputed 12A writes the same bytes (the manifest says which run made it)
+    critic.info = {"metrics": {f"test_{k}": v for k, v in t.items()}, "phase": "12A",
                    "cache_key": ctx.cache_key, "examples": {s: len(v) for s, v in splits.items()},
                    "domains": list(cfg.domains)}
     critic.save(out / "critic")
@@ -287,10 +288,6 @@ def run(ctx: JobContext) -> JobResult:
         "score_histogram_test": histogram(scores, correct),
         "size": {"head_bytes": size, "head_params": critic.n_params, "plan_bytes": PLAN_SIZE_BYTES,
                  "encoder": "all-MiniLM-L6-v2 int8 (ONNX Runtime), shared with the router, not counted"},
-        "latency_ms": latency,
-        "latency": "one (question, answer) per call: both MiniLM embeddings + cheap features + the head, one "
-                   "thread, after one untimed pass, gc off while timing (forge.routing.timing)",
-        "seconds": {**seconds, "total": time.time() - started},
         "history": {"epochs": history.epochs, "best_epoch": history.best_epoch},
         "config": cfg.model_dump(mode="json"),
     }
@@ -306,7 +303,12 @@ def run(ctx: JobContext) -> JobResult:
              f"correct answers; head {size / 1e6:.2f} MB, p50/p99 {latency['p50']:.1f}/"
              f"{latency['p99']:.1f} ms")
     quality = {"critic_auc": t["auc"], "critic_accuracy": t["accuracy"]}
-    return JobResult(metrics=flat_metrics(report), quality=quality, notes=notes,
-                     info={"critic_dir": "critic", "report": "critique_report.json",
+    # timings stay out of the files (a recomputed 12A is byte-identical): metrics and the manifest's info
+    timing = {"latency_ms": latency, "seconds": {**seconds, "total": time.time() - started},
+              "latency": "one (question, answer) per call: both MiniLM embeddings + cheap features + the "
+                         "head, one thread, after one untimed pass, gc off while timing "
+                         "(forge.routing.timing)"}
+    return JobResult(metrics=flat_metrics({**report, **timing}), quality=quality, notes=notes,
+                     info={"critic_dir": "critic", "report": "critique_report.json", "timing": timing,
                            "temperature": critic.temperature, "examples": report["examples"]["per_split"]},
                      register="critic", register_model=cfg.registered_model)

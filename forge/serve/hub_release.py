@@ -20,7 +20,6 @@ import logging
 import os
 import re
 import shutil
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -182,7 +181,7 @@ def ledger_table(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         if r.get("status") == "skipped":
             continue
-        status = r.get("status", "") + (" (cached)" if r.get("cached") else "")
+        status = r.get("status", "")
         lines.append(f"| {r.get('phase', '')} | {str(r.get('title', '')).replace('|', '/')} | {status} | "
                      f"{r.get('output_bytes', 0) / 1e6:.2f} | {quality_cell(r.get('quality'))} |")
     skipped = [str(r.get("phase")) for r in rows if r.get("status") == "skipped"]
@@ -196,14 +195,21 @@ def lineage_of(ctx: JobContext) -> dict[str, Any]:
     public)."""
     phases = {}
     for p, m in sorted(ctx.inputs.items()):
-        entry: dict[str, Any] = {"status": m.status, "cache_key": m.cache_key, "run_id": m.run_id,
-                                 "mlflow_run_id": m.mlflow_run_id}
+        entry: dict[str, Any] = {"status": m.status, "cache_key": m.cache_key}
         if m.status == "skipped":
             entry["skip_reason"] = m.skip_reason
         phases[p] = entry
-    return {"run_id": ctx.run_id, "phase": ctx.phase.id, "cache_key": ctx.cache_key,
-            "mlflow_run_id": ctx.mlflow.id if ctx.mlflow else None, "profile": ctx.config.profile,
+    # content only: the release's files are the same whichever run (re)computes them (run ids and MLflow runs
+    # are in the manifest's info: tracking_of)
+    return {"phase": ctx.phase.id, "cache_key": ctx.cache_key, "profile": ctx.config.profile,
             "base_model": base_model_name(ctx.config), "inputs": phases}
+
+
+def tracking_of(ctx: JobContext) -> dict[str, Any]:
+    """Which runs produced the inputs (manifest info and MLflow; not in the release's files)."""
+    return {"run_id": ctx.run_id, "mlflow_run_id": ctx.mlflow.id if ctx.mlflow else None,
+            "inputs": {p: {"run_id": m.run_id, "mlflow_run_id": m.mlflow_run_id}
+                       for p, m in ctx.inputs.items()}}
 
 
 def option_text(option: str, adapter: str | None) -> str:
@@ -237,14 +243,14 @@ def model_card(ctx: JobContext, name: str, adapters: dict[str, str | None], rout
     extra = ", ".join(e for e in extras if e) or "no calibration or critic"
     download = (f"hf download {repo} --local-dir {name}\n" if repo else "")
     lineage_rows = "\n".join(
-        f"| {p} | {e['status']} | `{e['cache_key'][:16]}` | {e['run_id']} | {e['mlflow_run_id'] or ''} |"
+        f"| {p} | {e['status']} | `{e['cache_key'][:16]}` |"
         for p, e in lineage["inputs"].items())
     body = f"""# {name}
 
 A Forge release: a base model pruned, quantized to GGUF and recovered, with LoRA modifiers per domain and a
-router choosing between them per request. Built by run `{ctx.run_id}` (config profile `{cfg.profile}`, base
-model `{lineage['base_model']}`). Every file is listed with its sha256 in `{RELEASE_JSON}`; the server checks
-them on load.
+router choosing between them per request. Built by Forge's 8A (cache key `{ctx.cache_key[:16]}`, config
+profile `{cfg.profile}`, base model `{lineage['base_model']}`). Every file is listed with its sha256 in
+`{RELEASE_JSON}`; the server checks them on load.
 
 ## Options
 
@@ -263,17 +269,18 @@ runtime, with an adapter of `{ADAPTERS_DIR}/` as its LoRA.
 
 ## Figures of the run
 
-The run's ledger (forge.ledger) when 8A ran: per phase, its output size and quality.
+The run's ledger (forge.ledger) for the phases this release is built from: output size and quality.
 
 {ledger_table(rows)}
 
 ## Lineage
 
-Run `{ctx.run_id}`, 8A cache key `{ctx.cache_key[:16]}`, forge {_forge_version()} (code {code_version()}),
-profile `{cfg.profile}`.
+8A cache key `{ctx.cache_key[:16]}`, forge {_forge_version()} (code {code_version()}), profile
+`{cfg.profile}`.
+Inputs by content (the store's cache index finds each output by phase and cache key):
 
-| input | status | cache key | produced by run | MLflow run |
-|---|---|---|---|---|
+| input | status | cache key |
+|---|---|---|
 {lineage_rows}
 """
     return "---\n" + yaml.safe_dump(front, sort_keys=False) + "---\n\n" + body
@@ -349,12 +356,13 @@ def run(ctx: JobContext) -> JobResult:
              "policy": routing is not None}
 
     name = sc.hub_repo.rsplit("/", 1)[-1] if sc.hub_repo else f"forge-{cfg.profile}"
-    rows = read_rows(ctx.store, ctx.run_id)
+    # the inputs' rows only: which other phases happen to have finished when 8A runs varies
+    rows = [r for r in read_rows(ctx.store, ctx.run_id) if r.get("phase") in ctx.inputs]
     lineage = lineage_of(ctx)
     (release / MODEL_CARD).write_text(model_card(ctx, name, adapters, routing, parts, rows, lineage))
     meta: dict[str, Any] = {
         "name": name, "adapters": adapters, "options": list(adapters), "lineage": lineage,
-        "created_at": time.time(), "forge_version": _forge_version(), "code_version": code_version(),
+        "forge_version": _forge_version(), "code_version": code_version(),
         "tokenizer_files": tokenizer_files, "parts": parts,
         "figures": {r["phase"]: {"status": r.get("status"), "output_bytes": r.get("output_bytes"),
                                  "quality": r.get("quality")} for r in rows},
@@ -372,7 +380,8 @@ def run(ctx: JobContext) -> JobResult:
     reasons = [r for r, absent in ((f"no token in ${sc.hf_token_env}", not token),
                                    ("serving.hub_repo is not set", not sc.hub_repo)) if absent]
     info: dict[str, Any] = {"release": RELEASE, "options": loaded.options, "uploaded": False,
-                            "hub_repo": sc.hub_repo, "hub_url": None, "parts": parts}
+                            "hub_repo": sc.hub_repo, "hub_url": None, "parts": parts,
+                            "lineage": tracking_of(ctx)}
     if reasons:
         plan = upload_plan(release, sc.hub_repo, "; ".join(reasons), sc.hub_private)
         (ctx.out_dir / UPLOAD_PLAN).write_text(json.dumps(plan, indent=2) + "\n")

@@ -376,7 +376,7 @@ class ChatService:
         )
 
     # ---- feedback -------------------------------------------------------------------------------------
-    def rate(self, session_id: str, request_id: str, rating: int, comment: str | None = None) -> None:
+    def rate(self, session_id: str, request_id: str, rating: int, comment: str | None = None) -> list[str]:
         """Thumbs up (+1) / down (-1), written to the feedback store 13A reads (flushed now: ratings are rare
         and must survive a restart)."""
         if rating not in (1, -1):
@@ -393,8 +393,9 @@ class ChatService:
                 "comment": comment,
             }
         )
-        self.feedback.flush()
+        written = self.feedback.flush()
         self.metrics.feedback.labels("up" if rating > 0 else "down").inc()
+        return written  # the part files it went into
 
     def close(self) -> None:
         if self.routing is not None:

@@ -331,7 +331,9 @@ def test_serving_phases_release_modes_and_enhancements(pipeline_run: dict[str, A
     release = Release.load(store.materialize(m8a) / m8a.info["release"])
     assert release.options == ["base", *MODIFIERS]
     assert release.policy_dir and release.detector_dir and release.critic_dir
-    assert (release.folder / "README.md").read_text().count(run_id) >= 1
+    m2c = store.run_manifest(run_id, "2C")
+    assert f"| 2C | complete | `{m2c.cache_key[:16]}` |" in (release.folder / "README.md").read_text()
+    assert m8a.info["lineage"]["inputs"]["2C"]["run_id"] == run_id  # runs: in the manifest, not in files
     api = json.loads((store.materialize(store.run_manifest(run_id, "8B")) / "api_report.json").read_text())
     assert api["checks"] and all(c["ok"] for c in api["checks"])
     m8d = store.run_manifest(run_id, "8D")
