@@ -85,13 +85,47 @@ def raw_llama(
     return {"ttft_ms": statistics.median(ttft[1:]), "tokens_per_s": statistics.median(tps[1:])}
 
 
+# HBM bandwidth (vendor datasheets): a decode step reads every weight once, so bandwidth / weight bytes per
+# token bounds single-stream tokens/s from above
+HBM_BYTES_PER_S = {"H200": 4.8e12, "H100 SXM": 3.35e12}
+
+
+def weight_bytes_per_token(gguf: Path) -> dict[str, Any]:
+    """What one decode step reads from memory: every tensor of the GGUF but the token embedding table (a row
+    lookup), plus nothing for the KV cache (small next to the weights at these context lengths)."""
+    try:
+        from forge.compress.llama_cpp_tools import gguf_module
+
+        reader = gguf_module().GGUFReader(str(gguf))
+        total = sum(int(t.n_bytes) for t in reader.tensors)
+        embd = sum(int(t.n_bytes) for t in reader.tensors if t.name == "token_embd.weight")
+        return {"bytes_per_token": total - embd, "tensor_bytes": total, "token_embd_bytes": embd,
+                "source": "gguf tensors"}
+    except Exception as exc:  # noqa: BLE001 - no gguf-py here: the file size is an upper estimate
+        size = gguf.stat().st_size
+        return {"bytes_per_token": size, "tensor_bytes": size, "token_embd_bytes": 0,
+                "source": f"file size ({type(exc).__name__}: {exc})"}
+
+
+def bandwidth_bound(gguf: Path, measured: dict[str, float]) -> dict[str, Any]:
+    w = weight_bytes_per_token(gguf)
+    out: dict[str, Any] = {**w, "gpus": {}}
+    for gpu, bps in HBM_BYTES_PER_S.items():
+        bound = bps / w["bytes_per_token"]
+        out["gpus"][gpu] = {"hbm_bytes_per_s": bps, "bound_tokens_per_s": bound,
+                            **{f"{k}_fraction": v / bound for k, v in measured.items()}}
+    return out
+
+
 def engine_modes(service: Any, messages: list[dict[str, str]], tokens: int, repeats: int) -> dict[str, Any]:
     from forge.serve.service import ChatRequest
 
-    out = {}
-    for mode in ("fast", "accurate", "auto"):
-        ttft, tps, options = [], [], []
-        for r in range(repeats + 1):
+    modes = ("fast", "accurate", "auto")
+    runs: dict[str, list[Any]] = {m: [] for m in modes}
+    # the modes take turns, round after round: a clock that ramps up (a GPU's) or a neighbour's load then
+    # weighs on every mode alike; round 0 is a warm-up
+    for r in range(repeats + 1):
+        for mode in modes:
             for w in service.engine.workers:  # idle between requests: clear the prompt cache, as raw runs do
                 w.llm.reset()
             res = service.complete(
@@ -99,15 +133,16 @@ def engine_modes(service: Any, messages: list[dict[str, str]], tokens: int, repe
                     messages, mode=mode, max_tokens=tokens, ignore_eos=True, session_id=f"bench-{mode}-{r}"
                 )
             )
-            ttft.append(res.usage.first_token_ms)
-            tps.append(res.usage.tokens_per_s)
-            options.append(res.route.option)
-        out[mode] = {
-            "ttft_ms": statistics.median(ttft[1:]),
-            "tokens_per_s": statistics.median(tps[1:]),
-            "option": options[-1],
+            if r:
+                runs[mode].append(res)
+    return {
+        m: {
+            "ttft_ms": statistics.median(x.usage.first_token_ms for x in rs),
+            "tokens_per_s": statistics.median(x.usage.tokens_per_s for x in rs),
+            "option": rs[-1].route.option,
         }
-    return out
+        for m, rs in runs.items()
+    }
 
 
 def switches(engine: Any, n: int) -> dict[str, Any]:
@@ -318,6 +353,15 @@ def main(argv: list[str] | None = None) -> int:
             f"({m['option']})"
         )
     print(f"fast / raw tokens/s: {result['overhead_ratio']:.3f} (target >= {TARGET_OVERHEAD})")
+    if a.n_gpu_layers != 0:
+        measured = {"raw": raw["tokens_per_s"], **{m: v["tokens_per_s"] for m, v in result["engine"].items()}}
+        bw = result["bandwidth"] = bandwidth_bound(release.gguf, measured)
+        for chip, g in bw["gpus"].items():
+            print(
+                f"HBM bound on {chip} ({g['hbm_bytes_per_s'] / 1e12:.2f} TB/s, "
+                f"{bw['bytes_per_token'] / 1e6:.1f} MB/token): {g['bound_tokens_per_s']:.0f} tok/s; raw at "
+                f"{g['raw_fraction']:.1%}, fast at {g['fast_fraction']:.1%}"
+            )
     sw = result["switch"]
     if "p50_ms" in sw:
         print(

@@ -17,7 +17,9 @@
 #   e. raw llama-cpp-python on it with n_gpu_layers=-1: TTFT and decode tokens/s (greedy, 64-token prompt,
 #      256 tokens, stream=True, median of 3), adapter switch time (median of 50), the HBM bandwidth bound
 #      -> $OUT/gpu_raw.json
-#   f. benchmarks/serving.py on that release, if the file exists -> $OUT/serving_gpu.json
+#   f. benchmarks/serving.py on that release, if the file exists -> $OUT/serving_gpu.json (native backtrace on
+#      SIGSEGV via a preloaded handler; BENCH_PROBES=1 adds model-load probes -> $OUT/probes.log)
+#   Skips: BENCH_SKIP_RAW=1 (e), BENCH_SKIP_E2=1 (e2), BENCH_PROBES=0; BENCH_PACK=1 packs the build (too big to carry)
 #
 # Rebuild the carried folder here (not on the device; ~12 MB):
 #   pip download --no-deps --no-binary :all: llama-cpp-python==0.3.36 (77 MB), then repack it without .git,
@@ -144,8 +146,12 @@ if [[ "$SKIP_BUILD" != 1 ]] && compgen -G ".whl/llama_cuda.tar.xz.part*" >/dev/n
 fi
 if [[ "$SKIP_BUILD" != 1 ]]; then
     find_cuda_libs
+    # --exclude-libs,ALL: the image's compiler (CXX=/opt/gcc/bin/g++) links libstdc++ statically into every .so
+    # and, without this, exports it: libllama's std::ostream calls then bound to libggml-cuda.so's copy (another
+    # locale state) and segfaulted in llama_model::print_info's std::stringstream while loading the model, in
+    # some processes (benchmarks/serving.py every time, a bare Llama() not). Each library now keeps its own copy.
     export CMAKE_ARGS="-DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=$CUDA_ARCH -DLLAVA_BUILD=OFF -DGGML_CUDA_NCCL=OFF \
--DGGML_CCACHE=OFF $CUDA_CMAKE $EXTRA_CMAKE_ARGS"
+-DGGML_CCACHE=OFF -DCMAKE_SHARED_LINKER_FLAGS=-Wl,--exclude-libs,ALL $CUDA_CMAKE $EXTRA_CMAKE_ARGS"
     export CMAKE_BUILD_PARALLEL_LEVEL="$JOBS" SKBUILD_BUILD_DIR="$WORK/build"
     if [[ "${BENCH_CONFIGURE_ONLY:-0}" == 1 ]]; then
         # diagnostic: configure as the build would, compile the heaviest CUDA files once, and stop
@@ -312,6 +318,15 @@ if [[ "$SKIP_BUILD" != 1 ]]; then
     fi
     cp -r "$WORK"/llama_site/* "$SITE"/
     ls -la "$SITE/llama_cpp/lib"
+    # send the build back (<= 3 parts of 15 MB): carried in .whl/, a later call skips the build. Off unless
+    # BENCH_PACK=1: the sm_90 build is ~205 MB (libggml-cuda.so 62 MB three times: pip --target writes no
+    # symlinks) and its fatbins do not compress (16 parts of 15 MB on 2026-12-04), over the 64 MiB carry limit
+    if [[ "${BENCH_PACK:-0}" == 1 ]]; then
+        (tar -C "$WORK" -c llama_site | xz -T0 -6 | split -b 15M -d - "$WORK/llama_cuda.tar.xz.part") || true
+        n_parts="$(ls "$WORK"/llama_cuda.tar.xz.part* 2>/dev/null | wc -l)"
+        if ((n_parts > 0 && n_parts <= 3)); then cp "$WORK"/llama_cuda.tar.xz.part* "$OUT"/; fi
+        step "b. CUDA build packed: $n_parts part(s) of <= 15 MB"
+    fi
 fi
 if ((PREBUILT)); then
     export LD_LIBRARY_PATH="${CUDA_HOME:-/usr/local/cuda}/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
@@ -535,25 +550,173 @@ out.write_text(json.dumps(res, indent=1))
 print(f"wrote {out}")
 EOF
 QUANT_S="$(cat "$WORK/quantize_s" 2>/dev/null || echo null)"
-$PY "$WORK/bench.py" "$REL" "$OUT/gpu_raw.json" \
+[[ "${BENCH_SKIP_RAW:-0}" == 1 ]] && step "e. skipped (BENCH_SKIP_RAW=1)" || $PY "$WORK/bench.py" "$REL" "$OUT/gpu_raw.json" \
     "{\"build_s\": $BUILD_S, \"quantize_s\": $QUANT_S, \"cmake_args\": \"${CMAKE_ARGS:-}\", \"tiny\": $TINY, \"prep\": $(cat "$WORK/prep.json")}"
 
-# ---- f. the serving benchmark (benchmarks/serving.py), if it exists -----------------------------------
+# ---- e2. Forge's engine alone, in its own process (what crashed earlier: pin it down before f) -----------
+step "e2. Forge engine alone (1 worker, n_gpu_layers -1), own process"
+[[ "${BENCH_SKIP_E2:-0}" == 1 ]] && E2_T=1 || E2_T=120  # BENCH_SKIP_E2=1: a 1 s timeout, i.e. skipped
+timeout "$E2_T" $PY -X faulthandler - "$REL" <<'EOF' || step "e2. engine probe exited $? (124: skipped)"
+import sys, time
+from pathlib import Path
+
+from forge.serve.engine import Engine, EngineSettings, GenParams
+from forge.serve.release import Release
+
+print("before the engine: torch imported:", "torch" in sys.modules, flush=True)
+rel = Release.load(Path(sys.argv[1]))
+for flash in (False, True):
+    t = time.perf_counter()
+    e = Engine(rel, EngineSettings(n_gpu_layers=-1, workers=1, n_threads=4, flash_attn=flash, verbose=False))
+    print(f"flash_attn={flash}: engine loaded in {time.perf_counter() - t:.2f}s, options {e.options}, "
+          f"torch imported: {'torch' in sys.modules}", flush=True)
+    for option in e.options:
+        c = e.generate([{"role": "user", "content": "Say something."}], option, GenParams(max_tokens=128,
+                                                                                           ignore_eos=True))
+        print(f"  {option}: {c.usage.completion_tokens} tokens, ttft {c.usage.first_token_ms:.1f} ms, "
+              f"{c.usage.tokens_per_s:.1f} tok/s, switch {c.usage.switch_ms:.3f} ms", flush=True)
+    e.close()
+print("engine probe ok", flush=True)
+EOF
+
+# ---- f. the serving benchmark (benchmarks/serving.py), then load probes that pin down the earlier SIGSEGV ----
+# A native backtrace on SIGSEGV/SIGBUS (LD_PRELOAD; -X faulthandler still prints the Python stack first and then
+# re-raises into it): llama.cpp frames as lib(+offset), resolved below against the libraries' dynamic symbols.
+SEGV_SO=""
+if command -v gcc >/dev/null; then
+    cat >"$WORK/segv_bt.c" <<'CEOF'
+#define _GNU_SOURCE
+#include <execinfo.h>
+#include <signal.h>
+#include <string.h>
+#include <unistd.h>
+static void handler(int sig, siginfo_t *si, void *uc) {
+    void *bt[128];
+    char msg[32];
+    int n = backtrace(bt, 128);
+    const char *h = "\n*** native backtrace (segv_bt) ***\n";
+    write(2, h, strlen(h));
+    backtrace_symbols_fd(bt, n, 2);
+    unsigned long a = (unsigned long)si->si_addr;
+    char *p = msg + sizeof(msg) - 1;
+    *p = 0;
+    do { *--p = "0123456789abcdef"[a & 15]; a >>= 4; } while (a);
+    write(2, "fault address 0x", 16); write(2, p, strlen(p)); write(2, "\n", 1);
+    signal(sig, SIG_DFL);
+    raise(sig);
+}
+__attribute__((constructor)) static void init(void) {
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_sigaction = handler;
+    sa.sa_flags = SA_SIGINFO;
+    sigaction(SIGSEGV, &sa, NULL);
+    sigaction(SIGBUS, &sa, NULL);
+}
+CEOF
+    gcc -shared -fPIC -O1 -o "$WORK/libsegv_bt.so" "$WORK/segv_bt.c" && SEGV_SO="$WORK/libsegv_bt.so"
+fi
+resolve_bt() {  # frames lib(+0xOFF) -> nearest dynamic symbol of that library
+    $PY - "$1" <<'PYEOF' || true
+import bisect, re, subprocess, sys
+syms = {}
+def table(lib):
+    if lib not in syms:
+        rows = []
+        try:
+            out = subprocess.run(["nm", "-D", "-C", "--defined-only", lib], capture_output=True, text=True).stdout
+            for line in out.splitlines():
+                parts = line.split(" ", 2)
+                if len(parts) == 3 and parts[1] in "TtWw":
+                    rows.append((int(parts[0], 16), parts[2]))
+        except Exception:
+            pass
+        rows.sort()
+        syms[lib] = rows
+    return syms[lib]
+for line in open(sys.argv[1], errors="replace"):
+    m = re.match(r"(\S+\.so[\w.]*)\(\+0x([0-9a-f]+)\)", line.strip())
+    if m and re.search(r"llama|ggml", m.group(1)):
+        rows = table(m.group(1))
+        off = int(m.group(2), 16)
+        k = bisect.bisect_right([r[0] for r in rows], off) - 1
+        name = f"{rows[k][1]}+0x{off - rows[k][0]:x}" if k >= 0 else "?"
+        print(f"  {m.group(1).rsplit('/', 1)[-1]}+0x{off:x}  ~ {name}")
+    elif "(" in line and ("llama" in line or "ggml" in line) and "[0x" in line:
+        print("  " + line.strip())
+PYEOF
+}
+probe() {  # probe NAME TIMEOUT CMD...: run with the native backtrace, full output in $OUT/probes.log
+    local name="$1" t="$2" rc
+    shift 2
+    step "probe $name"
+    set +e
+    LD_PRELOAD="$SEGV_SO" timeout "$t" "$@" >"$WORK/$name.log" 2>&1
+    rc=$?
+    set -e
+    { echo "===== $name (rc $rc): $*"; cat "$WORK/$name.log"; } >>"$OUT/probes.log"
+    if ((rc != 0)); then
+        grep -v -E "^(llama_model_loader|print_info|load|llama_context|llama_kv_cache|llama_adapter_lora_init_impl|load_tensors|graph_reserve|sched_reserve|set_abort_callback|llama_model_load_from_file_impl|init_tokenizer|create_memory|llama_params_fit|common_|\s*$)" \
+            "$WORK/$name.log" | tail -45
+        step "probe $name: rc $rc; llama.cpp frames:"
+        resolve_bt "$WORK/$name.log"
+    else
+        grep -E "PROBE" "$WORK/$name.log" || tail -3 "$WORK/$name.log"
+    fi
+}
+step "f. how the libraries get their C++ runtime (host compiler $(command -v g++ || true); ${CXX:-})"
+( g++ --version | head -1; ls -la /opt/gcc/lib64/libstdc++* 2>/dev/null | head -5
+  for l in "$SITE"/llama_cpp/lib/libllama.so "$SITE"/llama_cpp/lib/libggml-cuda.so "$SITE"/llama_cpp/lib/libggml-base.so; do
+      echo "$(basename "$l"): NEEDED $(readelf -d "$l" | awk '/NEEDED/{printf "%s ", $NF}')"
+      echo "   exported std:: symbols: $(nm -D --defined-only "$l" | grep -c ' _ZNS\| _ZNKS\| _ZSt' || true)," \
+           "_M_insert<long>: $(nm -D --defined-only "$l" | grep -c '_ZNSo9_M_insertIlEERSoT_' || true)"
+  done ) 2>&1 || true
+# BENCH_FLASH=0: without flash attention (a build with -DGGML_CUDA_FA=OFF compiles in about half the time)
+[[ "${BENCH_FLASH:-1}" == 1 ]] && FLASH="--flash-attn" || FLASH=""
 if [[ -f benchmarks/serving.py ]]; then
     T_LEFT="$(left)"
-    T_SERVE=$((T_LEFT - 10))
+    [[ "${BENCH_PROBES:-0}" == 1 ]] && T_SERVE=$((T_LEFT - 75)) || T_SERVE=$((T_LEFT - 10))  # probes: ~60 s
+    ((T_SERVE > 300)) && T_SERVE=300
     if [[ -n "${BENCH_SERVING_TIMEOUT_S:-}" ]] && ((BENCH_SERVING_TIMEOUT_S < T_SERVE)); then
         T_SERVE="$BENCH_SERVING_TIMEOUT_S"
     fi
     if ((T_SERVE > 20)); then
-        step "f. benchmarks/serving.py (timeout ${T_SERVE}s)"
-        # faulthandler: a crash in llama.cpp still prints the Python stack that led there
-        timeout "$T_SERVE" $PY -X faulthandler benchmarks/serving.py --release "$REL" --n-gpu-layers -1 \
-            --flash-attn --verbose --threads 4 --workers 4 --tokens 256 --clients 8 --json "$OUT/serving_gpu.json" || step "f. benchmarks/serving.py exited $?"
+        step "f. benchmarks/serving.py (timeout ${T_SERVE}s, llama.cpp quiet)"
+        set +e
+        LD_PRELOAD="$SEGV_SO" timeout "$T_SERVE" $PY -X faulthandler benchmarks/serving.py --release "$REL" \
+            --n-gpu-layers -1 $FLASH --threads 4 --workers 4 --tokens 256 --repeats 5 --clients 8 \
+            --json "$OUT/serving_gpu.json" 2>&1 | tee "$WORK/serving.log"
+        rc=${PIPESTATUS[0]}
+        set -e
+        if ((rc != 0)); then
+            step "f. benchmarks/serving.py exited $rc; llama.cpp frames:"
+            resolve_bt "$WORK/serving.log"
+            STDCXX="$(ldconfig -p | awk '/libstdc\+\+\.so\.6 .*x86-64/{print $NF; exit}')"
+            T_LEFT="$(left)"
+            if [[ -n "$STDCXX" ]] && ((T_LEFT > 60)); then
+                step "f. again with $STDCXX preloaded (its definitions first in the global scope; timeout $((T_LEFT - 10))s)"
+                set +e
+                LD_PRELOAD="$STDCXX${SEGV_SO:+ $SEGV_SO}" timeout $((T_LEFT - 10)) $PY -X faulthandler \
+                    benchmarks/serving.py --release "$REL" --n-gpu-layers -1 $FLASH --threads 4 --workers 4 \
+                    --tokens 256 --repeats 5 --clients 8 --json "$OUT/serving_gpu.json" 2>&1 | tee "$WORK/serving2.log"
+                rc=${PIPESTATUS[0]}
+                set -e
+                ((rc == 0)) || { step "f. exited $rc again; llama.cpp frames:"; resolve_bt "$WORK/serving2.log"; }
+            fi
+        fi
     else
         step "f. skipped benchmarks/serving.py: only ${T_LEFT}s of the budget left"
     fi
 else
     step "f. no benchmarks/serving.py yet: skipped"
+fi
+if [[ "${BENCH_PROBES:-0}" == 1 ]] && (($(left) > 30)); then
+    # what differed between the crashing run (serving.py) and the working ones (raw bench, e2): llama.cpp's
+    # verbose log, and serving.py's imports (forge.config, yaml, ...). Each a fresh process, model load only.
+    GG="$REL/model/base.gguf"
+    probe p1_llama_quiet 40 $PY -X faulthandler -c "import sys; from llama_cpp import Llama; Llama(model_path=sys.argv[1], n_gpu_layers=-1, verbose=False); print('PROBE p1 ok')" "$GG"
+    probe p2_llama_verbose 40 $PY -X faulthandler -c "import sys; from llama_cpp import Llama; Llama(model_path=sys.argv[1], n_gpu_layers=-1, verbose=True); print('PROBE p2 ok')" "$GG"
+    probe p3_engine_verbose 40 $PY -X faulthandler -c "import sys; from pathlib import Path; from forge.serve.engine import Engine, EngineSettings; from forge.serve.release import Release; e = Engine(Release.load(Path(sys.argv[1])), EngineSettings(n_gpu_layers=-1, n_threads=4, flash_attn=True, verbose=True)); e.close(); print('PROBE p3 ok')" "$REL"
+    probe p4_serving_verbose 60 $PY -X faulthandler benchmarks/serving.py --release "$REL" --n-gpu-layers -1 --flash-attn --verbose --threads 4 --workers 1 --tokens 32 --repeats 1 --switches 20 --no-http
 fi
 step "done"
