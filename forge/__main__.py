@@ -63,6 +63,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--host")
     p.add_argument("--port", type=int)
     p.add_argument("--no-ui", action="store_true", help="the API and /metrics only, no Gradio chat")
+    p = sub.add_parser("rate", help="9B's blind rating app for the campaign a run's 9B.prepare published")
+    p.add_argument("--run-id", required=True)
+    p.add_argument("--profile")
+    p.add_argument("--config")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8090)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stdout)
@@ -82,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         overrides = {}
         if args.cmd in ("run", "pipeline"):
             overrides = deep_merge(json.loads(args.conf), parse_sets(args.set))
-        elif args.cmd == "serve":
+        elif args.cmd in ("serve", "rate"):
             overrides = parse_sets(args.set)
         cfg = load_config(args.config, args.profile, overrides)
     except (ConfigError, json.JSONDecodeError) as exc:
@@ -101,6 +108,11 @@ def main(argv: list[str] | None = None) -> int:
 
         release = args.release or release_of_run(make_store(cfg), args.run_id)
         serve(release, cfg, args.host, args.port, with_ui=not args.no_ui)
+        return 0
+    if args.cmd == "rate":
+        from forge.evaluate.rating_app import serve_campaign
+
+        serve_campaign(cfg, make_store(cfg), args.run_id, args.host, args.port)
         return 0
     phases = [args.phase] if args.cmd == "run" else [p.id for p in pipeline_phases(cfg)]
     for phase_id in phases:

@@ -21,11 +21,14 @@ from forge.compress.gguf_config import GGUFConfig
 from forge.compress.lossless_config import LosslessConfig
 from forge.compress.pruning_config import PruningConfig
 from forge.config_base import Strict
+from forge.evaluate.validation_config import ValidationConfig
 from forge.modifiers.modifier_config import ModifiersConfig
 from forge.modifiers.teacher_config import PLAN_TEACHERS, PLAN_TIERS, CascadeConfig
 from forge.routing.routing_config import RoutingConfig
+from forge.serve.few_shot_config import FewShotConfig
 from forge.serve.serve_config import ServingConfig
 from forge.train.distill_config import DistillConfig
+from forge.train.maml_config import MAMLConfig
 from forge.train.recovery_config import RecoveryConfig
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -187,6 +190,11 @@ class CacheConfig(Strict):
     force: list[str] = []  # phase ids to recompute even on a cache hit
 
 
+class MetaConfig(Strict):
+    maml: MAMLConfig = MAMLConfig()
+    few_shot: FewShotConfig = FewShotConfig()
+
+
 class PipelineConfig(Strict):
     profile: str = "demo"
     model: ModelConfig = ModelConfig()
@@ -209,6 +217,10 @@ class PipelineConfig(Strict):
     routing: RoutingConfig = RoutingConfig()
     # 8A-8D serving, 10A modes, 11A self-consistency, 12A-B self-critique
     serving: ServingConfig = ServingConfig()
+    # 7A MAML, 7B few-shot templates
+    meta: MetaConfig = MetaConfig()
+    # 9A quality gates, 9B human evaluation, 9C speed
+    validation: ValidationConfig = ValidationConfig()
     eval: EvalConfig = EvalConfig()
     storage: StorageConfig = StorageConfig()
     tracking: TrackingConfig = TrackingConfig()

@@ -30,6 +30,8 @@ class Phase:
     # reads data the store's manifests do not pin (serving feedback, the model registry): always runs, and its
     # output is cached by content (forge.runner)
     live_inputs: bool = False
+    # people act first: the DAG puts a deferrable sensor between the inputs and this task (9B's ratings)
+    waits_for_ratings: bool = False
 
 
 def _trim_skip(cfg: PipelineConfig) -> str | None:
@@ -186,7 +188,7 @@ def serving_phases(catalog: Mapping[str, ModifierDomainConfig]) -> tuple[Phase, 
               "Critique classifier: (question, answer) -> 0-10", "forge.serve.critique_trainer:run",
               ("prep_data", "2C", "2E"), ("serving.critique", "gguf", "eval")),
         Phase("8A", "8a_release_and_hub_upload", SERVE_GROUP, "Release folder + model card; HF Hub upload",
-              "forge.serve.hub_release:run", ("prep_data", "2C", "2E", "2F", *h_ids, "6B", "6C", "12A"),
+              "forge.serve.hub_release:run", ("prep_data", "2C", "2E", "2F", *h_ids, "6B", "6C", "12A", "7B"),
               ("serving.hub_upload", "modifiers.enabled")),
         Phase("8B", "8b_rest_api", SERVE_GROUP, "OpenAI-compatible REST API: contract checks, OpenAPI spec",
               "forge.serve.phase_jobs:api_check", ("8A",), ("serving",)),
@@ -201,6 +203,51 @@ def serving_phases(catalog: Mapping[str, ModifierDomainConfig]) -> tuple[Phase, 
               "forge.serve.phase_jobs:self_consistency_eval", ("8A",), ("serving.self_consistency", "eval")),
         Phase("12B", "12b_critique_regenerate", CRITIQUE_GROUP, "Generate -> critique -> regenerate if < 7",
               "forge.serve.phase_jobs:critique_eval", ("8A",), ("serving.critique", "eval")),
+    )
+
+
+# ---- 7A-7B meta-learning, 9A-9C validation ---------------------------------------------------------------
+
+META_GROUP, VALIDATION_GROUP = "phase7_meta_learning", "phase9_validation"
+
+
+def wait_task_id(phase: Phase) -> str:
+    """The sensor task in front of a phase that waits for ratings: "9B.gate" -> "9b_wait_for_ratings"."""
+    return f"{phase.id.split('.')[0].lower()}_wait_for_ratings"
+
+
+def _human_skip(cfg: PipelineConfig) -> str | None:
+    return None if cfg.validation.human.enabled else cfg.validation.human.skip_reason
+
+
+META_PHASES: tuple[Phase, ...] = (
+    # 2A's model: the adapter fits the base the modifiers train on (and 2C's GGUF is 2A converted)
+    Phase("7A", "7a_maml", META_GROUP, "MAML: first-order over LoRA; few-shot gain on held-out task families",
+          "forge.train.maml_trainer:run", ("2A",), ("meta.maml", "eval", "data.seed", "modifiers.domains"),
+          gpu=True),
+    Phase("7B", "7b_few_shot_templates", META_GROUP, "Few-shot templates: retrieved demonstrations",
+          "forge.serve.few_shot_eval:run", ("2C", "2E"),
+          ("meta.few_shot", "eval", "gguf", "data.seed", "modifiers.domains")),
+)
+
+
+def validation_phases() -> tuple[Phase, ...]:
+    g = VALIDATION_GROUP
+    return (
+        Phase("9A", "9a_quality_gates", g, "Quality gates: per-domain thresholds, HumanEval (sandboxed)",
+              "forge.evaluate.quality_gates:run", ("8A",),
+              ("validation.gates", "serving", "eval", "data.seed", "modifiers.domains", "modifiers.enabled",
+               "modifiers.registered_prefix")),
+        Phase("9B.prepare", "9b_prepare_human_eval", g, "Human evaluation: blind outputs for the rating app",
+              "forge.evaluate.human_study:prepare", ("8A",),
+              ("validation.human", "serving", "data.seed", "modifiers.domains"),
+              skip=_human_skip),
+        # the ratings live in a database the store's manifests do not pin: runs every time
+        Phase("9B.gate", "9b_human_eval_gate", g, "Human evaluation: mean rating gate",
+              "forge.evaluate.human_study:gate", ("9B.prepare",), ("validation.human",), skip=_human_skip,
+              live_inputs=True, waits_for_ratings=True),
+        Phase("9C", "9c_speed_benchmarks", g, "Speed: fast / accurate tokens/s here vs the plan's targets",
+              "forge.evaluate.speed_bench:run", ("8A",), ("validation.speed", "serving")),
     )
 
 
@@ -251,7 +298,8 @@ def pipeline_phases(catalog: Mapping[str, ModifierDomainConfig] | PipelineConfig
         catalog = catalog.modifiers.domains
     catalog = _default_catalog() if catalog is None else catalog
     mods = [p for domain, spec in catalog.items() for p in modifier_phases(domain, spec)]
-    return (*PHASES, *mods, *routing_phases(catalog), *serving_phases(catalog))
+    return (*PHASES, *mods, *routing_phases(catalog), *META_PHASES, *serving_phases(catalog),
+            *validation_phases())
 
 
 def phases_by_id(catalog: Mapping[str, ModifierDomainConfig] | PipelineConfig | None = None,
@@ -260,7 +308,7 @@ def phases_by_id(catalog: Mapping[str, ModifierDomainConfig] | PipelineConfig | 
 
 
 # the fixed phases, and 13A's (tests swap in their own)
-BY_ID: dict[str, Phase] = {p.id: p for p in (*PHASES, *RETRAINING_PHASES)}
+BY_ID: dict[str, Phase] = {p.id: p for p in (*PHASES, *META_PHASES, *validation_phases(), *RETRAINING_PHASES)}
 
 
 def get_phase(phase_id: str, cfg: PipelineConfig | None = None) -> Phase:

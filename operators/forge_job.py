@@ -123,6 +123,7 @@ class ForgeJobOperator(BaseOperator):
             "cache_key": manifest.cache_key,
             "cached_from_run": manifest.run_id if manifest.run_id != run_id else None,
             "mlflow_run_id": manifest.mlflow_run_id,
+            "info": manifest.info,  # what the job tells downstream tasks (9B's campaign, for its sensor)
             "mlflow_url": mlflow_run_url(cfg.tracking, manifest.mlflow_run_id) if self.track else None,
         }
         self.forge_summary = summary  # read by the MLflow link when the task ends, skipped or not

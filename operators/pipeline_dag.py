@@ -15,15 +15,16 @@ from typing import Any
 
 from airflow.sdk import DAG, TaskGroup, TriggerRule
 
-from forge.phases import Phase, pipeline_phases
+from forge.phases import Phase, pipeline_phases, wait_task_id
 from operators.forge_job import ForgeJobOperator
 from operators.gpu_job import ForgeGPUJobOperator
 from operators.trigger_form import trigger_params
 
 DESCRIPTION = ("Forge: base model -> vocab analysis -> QLoRA base training -> failure analysis "
                "-> compression (pruning, AWQ, GGUF, recovery LoRA, calibration) -> distillation "
-               "-> domain modifiers (teacher cascade + Axolotl) -> router -> release, serving checks, "
-               "modes, self-consistency, self-critique")
+               "-> domain modifiers (teacher cascade + Axolotl) -> router -> MAML, few-shot templates -> "
+               "release, serving checks, modes, self-consistency, self-critique -> quality gates, human "
+               "evaluation, speed")
 TAGS = ("forge", "llm", "training")
 
 
@@ -45,6 +46,14 @@ def add_phase_tasks(phases: Sequence[Phase] | None = None) -> dict[str, ForgeJob
             trigger_rule=TriggerRule.NONE_FAILED,
         )
     for phase in phases:
+        if phase.waits_for_ratings:  # people rate between the inputs and this task: a deferrable wait
+            from operators.sensors.ratings import HumanRatingsSensor
+
+            (prepare,) = phase.inputs
+            wait = HumanRatingsSensor(task_id=wait_task_id(phase), prepare_task_id=tasks[prepare].task_id,
+                                      task_group=groups[phase.group])
+            tasks[prepare] >> wait >> tasks[phase.id]
+            continue
         for upstream in phase.inputs:
             tasks[upstream] >> tasks[phase.id]
     return tasks

@@ -2,8 +2,8 @@
 
     GET  /v1/models             the routed model ("<release>") and each option ("<release>:<option>")
     POST /v1/chat/completions   OpenAI's request and response (SSE when stream=true); extra request fields
-                                mode (fast|accurate|auto), session_id, self_consistency, critique; every
-                                response carries a `forge` object saying how the request was routed
+                                mode (fast|accurate|auto), session_id, self_consistency, critique, few_shot;
+                                every response carries a `forge` object saying how the request was routed
     POST /v1/feedback           thumbs up/down on an answer (the store 13A's weekly retraining reads)
     GET  /health, /metrics      liveness; Prometheus (8D)
     GET  /openapi.json, /docs   the spec
@@ -88,6 +88,7 @@ class ChatCompletionBody(BaseModel):
     session_id: str | None = Field(None, min_length=1, max_length=128)
     self_consistency: int | None = Field(None, ge=1, le=16)
     critique: bool = False
+    few_shot: bool | None = None  # 7B's retrieved demonstrations (None: the server's default)
     ignore_eos: bool = False  # vLLM's extension: generate exactly max_tokens (benchmarks)
 
     @field_validator("stop")
@@ -271,6 +272,9 @@ def create_app(service: ChatService, cfg: ServingConfig, api_keys: list[str]) ->
                 "max_tokens",
             )
         sc = body.self_consistency or 1
+        if body.few_shot and service.few_shot is None:
+            raise ApiError(400, "few_shot: this release has no few-shot templates (7B did not run)",
+                           "invalid_value", "few_shot")
         return ChatRequest(
             [{"role": m.role, "content": m.text()} for m in body.messages],
             mode=body.mode or cfg.default_mode,
@@ -283,6 +287,7 @@ def create_app(service: ChatService, cfg: ServingConfig, api_keys: list[str]) ->
             stop=tuple(body.stop or ()),
             self_consistency=sc,
             critique=body.critique,
+            few_shot=body.few_shot,
             ignore_eos=body.ignore_eos,
         )
 

@@ -46,14 +46,11 @@ N_BINS = 10  # ECE bins, and score histogram bins (one per score point)
 
 def base_model(ctx: JobContext) -> tuple[tuple[InputFile, InputFile | None] | None, str]:
     """(2C's GGUF, 2E's LoRA or None) when the base can answer, else None; and why."""
-    from forge.runner import input_file
+    from forge.serve.phase_jobs import served_base
 
     if ctx.config.serving.critique.model_answers == 0:
         return None, "serving.critique.model_answers is 0"
-    if ctx.input_skipped("2C") or not ctx.input_info("2C").get("gguf"):
-        return None, "2C has no GGUF"
-    adapter = None if ctx.input_skipped("2E") else input_file(ctx, "2E", "adapter")
-    return (input_file(ctx, "2C", "gguf"), adapter), "2C's GGUF" + (" + 2E's LoRA" if adapter else "")
+    return served_base(ctx)
 
 
 def model_answers(ctx: JobContext, rows: Sequence[dict[str, Any]], n: int) -> dict[int, str]:

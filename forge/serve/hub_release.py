@@ -6,6 +6,7 @@ outputs, write its model card, and upload it to the Hugging Face Hub when a toke
   calibration.json 2F (absent if skipped)
   routing/policy   6C (RoutingPolicy.load -> save; absent if skipped: the server serves the base only)
   routing/detector 6B's escalation detector;  critic/ 12A's (opaque folder)
+  few_shot/        7B's few-shot template set (absent if 7B skipped)
   README.md        the model card: options, how to serve, the ledger's figures, lineage
 
 Without a token ($<serving.hf_token_env>) or serving.hub_repo it writes upload_plan.json beside the release:
@@ -31,6 +32,7 @@ from forge.serve.release import (
     CALIBRATION,
     CRITIC_DIR,
     DETECTOR_DIR,
+    FEW_SHOT_DIR,
     MODEL_CARD,
     MODEL_DIR,
     POLICY_DIR,
@@ -150,6 +152,18 @@ def add_critic(ctx: JobContext, release: Path) -> str | None:
     return None
 
 
+def add_few_shot(ctx: JobContext, release: Path) -> bool:
+    """7B's template set, loaded once here as the server will (a damaged set fails 8A, not serving)."""
+    if "7B" not in ctx.inputs or ctx.input_skipped("7B"):
+        return False
+    from forge.serve.few_shot import FewShot
+
+    src = ctx.input_dir("7B") / ctx.input_info("7B").get("few_shot", FEW_SHOT_DIR)
+    place_tree(src, release / FEW_SHOT_DIR)
+    FewShot.load(release / FEW_SHOT_DIR)
+    return True
+
+
 # ---- 2. the model card ----------------------------------------------------------------------------------
 
 def hf_model_id(cfg: PipelineConfig) -> str | None:
@@ -239,7 +253,9 @@ def model_card(ctx: JobContext, name: str, adapters: dict[str, str | None], rout
     else:
         route = "No router in this release (6C was skipped): the server answers every request with `base`."
     extras = [f"`{CALIBRATION}` (confidence calibration)" if parts["calibration"] else "",
-              f"`{CRITIC_DIR}/` (the self-critique classifier)" if parts["critic"] else ""]
+              f"`{CRITIC_DIR}/` (the self-critique classifier)" if parts["critic"] else "",
+              f"`{FEW_SHOT_DIR}/` (few-shot templates: `few_shot: true` in a request)"
+              if parts.get("few_shot") else ""]
     extra = ", ".join(e for e in extras if e) or "no calibration or critic"
     download = (f"hf download {repo} --local-dir {name}\n" if repo else "")
     lineage_rows = "\n".join(
@@ -353,7 +369,7 @@ def run(ctx: JobContext) -> JobResult:
     if critic_note:
         notes.append(critic_note)
     parts = {"calibration": calibration, "detector": detector, "critic": (release / CRITIC_DIR).is_dir(),
-             "policy": routing is not None}
+             "policy": routing is not None, "few_shot": add_few_shot(ctx, release)}
 
     name = sc.hub_repo.rsplit("/", 1)[-1] if sc.hub_repo else f"forge-{cfg.profile}"
     # the inputs' rows only: which other phases happen to have finished when 8A runs varies

@@ -46,6 +46,16 @@ def release_dir(ctx: JobContext) -> Path:
     return ctx.input_dir("8A") / ctx.input_info("8A").get("release", "release")
 
 
+def served_base(ctx: JobContext) -> tuple[tuple[Any, Any] | None, str]:
+    """(2C's GGUF, 2E's LoRA or None) as InputFiles when the base can answer, else None; and why."""
+    from forge.runner import input_file
+
+    if ctx.input_skipped("2C") or not ctx.input_info("2C").get("gguf"):
+        return None, "2C has no GGUF"
+    adapter = None if ctx.input_skipped("2E") else input_file(ctx, "2E", "adapter")
+    return (input_file(ctx, "2C", "gguf"), adapter), "2C's GGUF" + (" + 2E's LoRA" if adapter else "")
+
+
 def eval_service(ctx: JobContext) -> Any:
     """A ChatService over the release, with a session store and feedback store of its own (work dir)."""
     from forge.serve.server import build_service
@@ -86,6 +96,8 @@ def run_requests(
             "id": row.get("id"),
             "domain": row["domain"],
             "correct": check.correct,
+            "detail": check.detail,
+            "output": result.text,
             "option": result.route.option,
             "latency_ms": result.latency_ms,
             "ttft_ms": result.usage.first_token_ms,
@@ -499,7 +511,7 @@ def self_consistency_eval(ctx: JobContext) -> JobResult:
     )
 
 
-def paired_ci(a: Sequence[bool], b: Sequence[bool], seed: int, n: int = 2000) -> tuple[float, float]:
+def paired_ci(a: Sequence[float], b: Sequence[float], seed: int, n: int = 2000) -> tuple[float, float]:
     """95% bootstrap interval of mean(a) - mean(b) over paired rows."""
     diff = np.asarray(a, float) - np.asarray(b, float)
     rng = np.random.default_rng(seed)

@@ -32,6 +32,7 @@ CALIBRATION = "calibration.json"
 POLICY_DIR = "routing/policy"
 DETECTOR_DIR = "routing/detector"
 CRITIC_DIR = "critic"
+FEW_SHOT_DIR = "few_shot"  # 7B's template set (forge.serve.few_shot)
 MODEL_CARD = "README.md"
 
 
@@ -44,6 +45,7 @@ class Release:
     detector_dir: Path | None = None
     critic_dir: Path | None = None
     calibration: dict[str, Any] = field(default_factory=dict)
+    few_shot_dir: Path | None = None
 
     @property
     def gguf(self) -> Path:
@@ -84,7 +86,8 @@ class Release:
         calibration = (
             json.loads((folder / CALIBRATION).read_text()) if (folder / CALIBRATION).is_file() else {}
         )
-        return cls(folder, meta, adapters, opt(POLICY_DIR), opt(DETECTOR_DIR), opt(CRITIC_DIR), calibration)
+        return cls(folder, meta, adapters, opt(POLICY_DIR), opt(DETECTOR_DIR), opt(CRITIC_DIR), calibration,
+                   opt(FEW_SHOT_DIR))
 
 
 def file_entries(folder: Path) -> dict[str, dict[str, Any]]:

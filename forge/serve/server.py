@@ -82,9 +82,15 @@ def build_service(release_dir: str | Path, cfg: PipelineConfig, **engine_overrid
         from forge.serve.critique import Critic
 
         critic = Critic.load(release.critic_dir)
+    few_shot = None
+    if release.few_shot_dir is not None:
+        from forge.serve.few_shot import FewShot
+
+        few_shot = FewShot.load(release.few_shot_dir)
     engine = Engine(release, settings)
     suites = {o: cfg.modifiers.suite_of(o) for o in release.options if o in cfg.modifiers.domains}
-    return ChatService(engine, cfg.serving, routing, critic, suites=suites, feedback=feedback)
+    return ChatService(engine, cfg.serving, routing, critic, suites=suites, feedback=feedback,
+                       few_shot=few_shot, few_shot_default=cfg.meta.few_shot.serving_default)
 
 
 def release_of_run(store: Any, run_id: str) -> Path:

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from forge.routing.feedback import FeedbackWriter
     from forge.routing.runtime import RoutingRuntime
     from forge.serve.engine import Engine
+    from forge.serve.few_shot import FewShot
     from forge.serve.metrics import ServingMetrics
     from forge.serve.serve_config import ServingConfig
 
@@ -52,6 +53,7 @@ class ChatRequest:
     stop: tuple[str, ...] = ()
     self_consistency: int = 1  # >1: sample this many paths and vote (accurate/auto modes)
     critique: bool = False  # 12B: critique the answer, regenerate below the threshold
+    few_shot: bool | None = None  # 7B: demonstrations before the question (None: the server's default)
     ignore_eos: bool = False  # benchmarks: exactly max_tokens
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
@@ -132,10 +134,13 @@ class ChatService:
         metrics: ServingMetrics | None = None,
         suites: dict[str, str] | None = None,
         feedback: FeedbackWriter | None = None,
+        few_shot: FewShot | None = None,
+        few_shot_default: bool = False,
     ) -> None:
         from forge.serve.metrics import ServingMetrics
 
         self.engine, self.cfg, self.routing, self.critic = engine, cfg, routing, critic
+        self.few_shot, self.few_shot_default = few_shot, few_shot_default
         self.feedback = feedback or (routing.feedback if routing is not None else None)
         self.metrics = metrics or ServingMetrics()
         self.metrics.queue_depth.set_function(engine.queue_depth)  # read at scrape time, never stale
@@ -216,8 +221,8 @@ class ChatService:
             route = self.route(req, session_id)
             self.metrics.routing.labels(route.mode, route.option).inc()
             yield {"type": "route", "route": route, "session_id": session_id, "request_id": req.request_id}
-            ids = self.engine.prompt_ids(req.messages, req.max_tokens)
             extras: dict[str, Any] = {}
+            ids = self.engine.prompt_ids(self._with_demonstrations(req, route, extras), req.max_tokens)
             if req.self_consistency > 1 or req.critique:
                 completion = self._decided(req, route, ids, extras)
                 yield {"type": "delta", "text": completion.text}
@@ -251,6 +256,23 @@ class ChatService:
             self.metrics.requests.labels(
                 route.mode if route else req.mode, route.option if route else "none", status
             ).inc()
+
+    def _with_demonstrations(self, req: ChatRequest, route: RouteInfo, extras: dict[str, Any]
+                             ) -> list[dict[str, str]]:
+        """7B: the request's messages, with retrieved demonstrations when asked for (or by default)."""
+        wanted = self.few_shot_default if req.few_shot is None else req.few_shot
+        if not wanted:
+            return req.messages
+        if self.few_shot is None:
+            if req.few_shot:
+                raise ValueError("few_shot: this release has no few-shot templates (7B did not run)")
+            return req.messages
+        # a routed modifier's own domain when the set has one, else the nearest examples of any domain
+        domain = route.option if route.option in self.few_shot.domains else None
+        messages, demos = self.few_shot.demonstrate(req.messages, domain)
+        extras["few_shot"] = {"version": self.few_shot.version, "demonstrations": len(demos),
+                              "domains": sorted({d.domain for d in demos})}
+        return messages
 
     def complete(self, req: ChatRequest) -> ChatResult:
         for event in self.stream(req):

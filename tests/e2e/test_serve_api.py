@@ -182,6 +182,9 @@ def test_bad_requests_get_clear_errors(server: Any) -> None:
     with pytest.raises(BadRequestError) as e:  # over the context once the template is applied
         ask(server, "word " * 600, max_tokens=8)
     assert e.value.code == "context_length_exceeded"
+    with pytest.raises(BadRequestError) as e:  # 7B's demonstrations asked of a release without them
+        ask(server, "hi", extra_body={"few_shot": True})
+    assert "few_shot: this release has no few-shot templates" in str(e.value)
 
     headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
     url = f"{server.url}/v1/chat/completions"

@@ -21,7 +21,7 @@ configure()
 
 from airflow.dag_processing.dagbag import DagBag  # noqa: E402
 
-from forge.phases import RETRAINING_PHASES, pipeline_phases  # noqa: E402
+from forge.phases import RETRAINING_PHASES, pipeline_phases, wait_task_id  # noqa: E402
 
 PHASES = pipeline_phases()  # the fixed phases + A-H per domain of config/pipeline.yaml
 
@@ -44,7 +44,10 @@ def test_dag_folder_has_no_import_errors() -> None:
 @pytest.mark.parametrize("dag_id", DAG_IDS)
 def test_tasks_groups_and_dependencies_follow_the_registry(dag_id: str) -> None:
     dag = _dagbag().dags[dag_id]
-    expected = {f"{p.group}.{p.task_id}" for p in PHASES}
+    # 9B.gate waits for people: a deferrable sensor sits between it and 9B.prepare
+    waits = {p.id: f"{p.group}.{wait_task_id(p)}" for p in PHASES if p.waits_for_ratings}
+    assert set(waits) == {"9B.gate"}
+    expected = {f"{p.group}.{p.task_id}" for p in PHASES} | set(waits.values())
     assert set(dag.task_ids) == expected
     assert "phase1_base.1a_base_qlora" in expected
     for p in PHASES:
@@ -52,7 +55,7 @@ def test_tasks_groups_and_dependencies_follow_the_registry(dag_id: str) -> None:
         if PLAN_ID.match(p.id):  # plan phases carry their id: "1A" -> "1a_..."
             assert f"{p.id.lower().replace('.', '_')}_" in task.task_id
         by_id = {q.id: f"{q.group}.{q.task_id}" for q in PHASES}
-        assert task.upstream_task_ids == {by_id[i] for i in p.inputs}
+        assert task.upstream_task_ids == ({waits[p.id]} if p.id in waits else {by_id[i] for i in p.inputs})
         assert task.trigger_rule == "none_failed"
         assert task.retries == 0
         if p.gpu:
@@ -68,6 +71,8 @@ def test_tasks_groups_and_dependencies_follow_the_registry(dag_id: str) -> None:
         "code", "reasoning", "automation", "math", "hard_math", "science", "finance", "creative"]
     assert dag.params.get_param("profile").schema["enum"] == ["demo", "production"]
     assert dag.catchup is False and dag.max_active_runs == 1
+    sensor = dag.get_task(waits["9B.gate"])
+    assert sensor.upstream_task_ids == {"phase9_validation.9b_prepare_human_eval"}
 
 
 def test_manual_dag_is_triggered_only() -> None:
@@ -159,6 +164,6 @@ print(json.dumps({{"seconds": seconds, "heavy": heavy, "tasks": len(dag.tasks), 
                          cwd=tmp_path, env=env, check=True).stdout
     result = json.loads(out.strip().splitlines()[-1])
     assert result["heavy"] == []
-    n_tasks = len(RETRAINING_PHASES) if dag_id == RETRAINING_DAG else len(PHASES)
+    n_tasks = len(RETRAINING_PHASES) if dag_id == RETRAINING_DAG else len(PHASES) + 1  # + 9B's sensor
     assert result["tasks"] == n_tasks and result["dag_id"] == dag_id
     assert result["seconds"] < 2.0, result

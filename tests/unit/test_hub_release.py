@@ -63,7 +63,7 @@ def prepare(tiny_run: Any, run_id: str, monkeypatch: pytest.MonkeyPatch, extra: 
     for spec in cfg.modifiers.domains.values():
         for step in "ABCDEFGH":
             assert run_phase(modifier_phase_id(spec, step), cfg, run_id, track=False).status == "skipped"
-    for phase in ("6A", "6B", "6C", "12A"):
+    for phase in ("6A", "6B", "6C", "12A", "7B"):
         run_phase(phase, cfg, run_id, track=False)
     return cfg, make_store(cfg)
 
@@ -219,5 +219,10 @@ def test_release_ships_the_router_policy_and_critic(in_tiny_run: Any, tmp_path: 
     assert policy.bundle == original.bundle
     assert "['code', 'reasoning']" in m.info["notes"]  # routed options this release lacks, said so
     assert release.critic_dir == release.folder / CRITIC_DIR
+    # 7B's few-shot templates ship too, and load as the server loads them
+    from forge.serve.few_shot import FewShot
+
+    assert release.few_shot_dir is not None and FewShot.load(release.few_shot_dir).domains
+    assert "few_shot/" in (release.folder / MODEL_CARD).read_text()
     assert json.loads((release.critic_dir / "critic.json").read_text()) == {"format": "stand-in"}
     assert m.info["parts"]["policy"] and m.info["parts"]["critic"]

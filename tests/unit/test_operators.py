@@ -47,9 +47,9 @@ def _never_run(cfg) -> str:
 
 
 FAKES = (
-    Phase("9A", "9a_write", "fake", "Write", f"{__name__}:write_job", (), ("train",)),
-    Phase("9B", "9b_skip", "fake", "Skip", f"{__name__}:write_job", ("9A",), ("train",), skip=_never_run),
-    Phase("9G", "9g_gpu", "fake", "GPU", f"{__name__}:write_job", (), ("train",), gpu=True),
+    Phase("X1", "x1_write", "fake", "Write", f"{__name__}:write_job", (), ("train",)),
+    Phase("X2", "x2_skip", "fake", "Skip", f"{__name__}:write_job", ("X1",), ("train",), skip=_never_run),
+    Phase("XG", "xg_gpu", "fake", "GPU", f"{__name__}:write_job", (), ("train",), gpu=True),
 )
 
 
@@ -97,7 +97,7 @@ def test_trigger_form_defaults_build_a_valid_config() -> None:
 
 
 def test_operator_builds_config_from_params_and_conf() -> None:
-    op = ForgeJobOperator(phase_id="9A", task_id="t")
+    op = ForgeJobOperator(phase_id="X1", task_id="t")
     cfg, _ = op.build_config(context({"overrides": {"train": {"max_steps": 3}}}, conf={"data": {"seed": 5}}))
     assert (cfg.train.max_steps, cfg.data.seed, cfg.domains) == (3, 5, ["general", "code"])
 
@@ -108,14 +108,14 @@ def test_operator_builds_config_from_params_and_conf() -> None:
     ({"model": {"demo": {"hidden_size": 300}}}, "model.demo.hidden_size"),
 ])
 def test_config_error_fails_the_task_naming_the_field_before_any_work(overrides: dict, field: str) -> None:
-    op = ForgeJobOperator(phase_id="9A", task_id="t")
+    op = ForgeJobOperator(phase_id="X1", task_id="t")
     with pytest.raises(AirflowFailException, match=field.replace(".", r"\.")):
         op.execute(context({"overrides": overrides}))
     assert CALLS == []
 
 
 def test_unknown_profile_and_domain_fail_naming_the_field() -> None:
-    op = ForgeJobOperator(phase_id="9A", task_id="t")
+    op = ForgeJobOperator(phase_id="X1", task_id="t")
     with pytest.raises(AirflowFailException, match="profile"):
         op.execute(context({"profile": "nope"}))
     with pytest.raises(AirflowFailException, match="domains"):
@@ -126,18 +126,18 @@ def test_unknown_phase_or_runtime_fails_at_parse_time() -> None:
     with pytest.raises(KeyError, match="unknown phase"):
         ForgeJobOperator(phase_id="42Z")
     with pytest.raises(ValueError, match="unknown runtime"):
-        ForgeJobOperator(phase_id="9A", runtime="docker")
+        ForgeJobOperator(phase_id="X1", runtime="docker")
 
 
 # ---- running, skipping, XCom summary ----------------------------------------------------------
 def test_execute_runs_the_job_and_returns_the_manifest_summary(forge_home: Path) -> None:
-    op = ForgeJobOperator(phase_id="9A", track=False)
-    assert (op.task_id, op.retries) == ("9a_write", 0)
+    op = ForgeJobOperator(phase_id="X1", track=False)
+    assert (op.task_id, op.retries) == ("x1_write", 0)
     summary = op.execute(context({"overrides": {"train": {"max_steps": 4}}}))
-    assert summary["phase"] == "9A" and summary["status"] == "complete"
-    assert summary["uri"].endswith("/runs/manual__2026-01-01/9A")
+    assert summary["phase"] == "X1" and summary["status"] == "complete"
+    assert summary["uri"].endswith("/runs/manual__2026-01-01/X1")
     assert len(summary["cache_key"]) == 64 and summary["cached_from_run"] is None
-    assert CALLS == [{"phase": "9A", "cuda": os.environ.get("CUDA_VISIBLE_DEVICES"), "steps": 4}]
+    assert CALLS == [{"phase": "X1", "cuda": os.environ.get("CUDA_VISIBLE_DEVICES"), "steps": 4}]
     json.dumps(summary)  # XCom-able
     # the same inputs in another DAG run: a cache hit pointing at the first run's files
     again = op.execute(context({"overrides": {"train": {"max_steps": 4}}}, run_id="manual__2"))
@@ -147,35 +147,35 @@ def test_execute_runs_the_job_and_returns_the_manifest_summary(forge_home: Path)
 
 def test_skipped_phase_raises_skip_with_the_reason(forge_home: Path) -> None:
     ctx = context()
-    ForgeJobOperator(phase_id="9A", track=False).execute(ctx)
-    skipper = ForgeJobOperator(phase_id="9B", track=False)
-    with pytest.raises(AirflowSkipException, match="9B skipped: nothing to do in this test"):
+    ForgeJobOperator(phase_id="X1", track=False).execute(ctx)
+    skipper = ForgeJobOperator(phase_id="X2", track=False)
+    with pytest.raises(AirflowSkipException, match="X2 skipped: nothing to do in this test"):
         skipper.execute(ctx)
-    assert CALLS == [CALLS[0]] and CALLS[0]["phase"] == "9A"  # the skipped job never ran
+    assert CALLS == [CALLS[0]] and CALLS[0]["phase"] == "X1"  # the skipped job never ran
     assert skipper.forge_summary["status"] == "skipped"
     assert skipper.forge_summary["skip_reason"] == "nothing to do in this test"
     rows = read_rows(make_store(load_config(profile="demo")), ctx["run_id"])
-    assert [(r["phase"], r["status"]) for r in rows] == [("9A", "complete"), ("9B", "skipped")]
+    assert [(r["phase"], r["status"]) for r in rows] == [("X1", "complete"), ("X2", "skipped")]
 
 
 # ---- GPU operator --------------------------------------------------------------------------------
 def test_gpu_operator_takes_pool_slots_and_sets_visible_devices(forge_home: Path) -> None:
-    op = ForgeGPUJobOperator(phase_id="9G", devices=[2, 3], track=False)
+    op = ForgeGPUJobOperator(phase_id="XG", devices=[2, 3], track=False)
     assert (op.pool, op.pool_slots, op.queue) == ("gpu", 2, "gpu")
     before = os.environ.get("CUDA_VISIBLE_DEVICES")
     op.execute(context())
     assert CALLS[-1]["cuda"] == "2,3"
     assert os.environ.get("CUDA_VISIBLE_DEVICES") == before  # restored for the task process
-    plain = ForgeGPUJobOperator(phase_id="9G", task_id="g1")
+    plain = ForgeGPUJobOperator(phase_id="XG", task_id="g1")
     assert (plain.pool_slots, plain.job_env()) == (1, {})  # the worker's devices, untouched
     with pytest.raises(ValueError, match="do not match"):
-        ForgeGPUJobOperator(phase_id="9G", task_id="g2", gpus=1, devices="0,1")
+        ForgeGPUJobOperator(phase_id="XG", task_id="g2", gpus=1, devices="0,1")
 
 
 # ---- venv runtime ------------------------------------------------------------------------------
 def test_venv_runtime_without_interpreter_fails_naming_the_env_var(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("FORGE_RUNTIME_AXOLOTL", raising=False)
-    op = ForgeJobOperator(phase_id="9A", task_id="t", runtime="venv:axolotl", track=False)
+    op = ForgeJobOperator(phase_id="X1", task_id="t", runtime="venv:axolotl", track=False)
     with pytest.raises(AirflowFailException, match="FORGE_RUNTIME_AXOLOTL"):
         op.execute(context())
     monkeypatch.setenv("FORGE_RUNTIME_AXOLOTL", "/nonexistent/bin/python")
@@ -230,7 +230,7 @@ def test_storage_hook_falls_back_to_env_and_config_endpoint(monkeypatch: pytest.
 def test_summary_carries_the_mlflow_run_url_and_the_link_returns_it(
         forge_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FORGE_MLFLOW_UI_URL", "http://mlflow.example:5000/")
-    summary = ForgeJobOperator(phase_id="9A").execute(context())
+    summary = ForgeJobOperator(phase_id="X1").execute(context())
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=load_config(profile="demo").tracking.tracking_uri)
@@ -251,11 +251,11 @@ def test_summary_carries_the_mlflow_run_url_and_the_link_returns_it(
     link = mlflow_link.MlflowRunLink()
     ti_key = SimpleNamespace(dag_id="d", task_id="t", run_id="r", map_index=-1)
     assert link.name == "MLflow run"
-    assert link.get_link(ForgeJobOperator(phase_id="9A", task_id="t"), ti_key=ti_key) == summary["mlflow_url"]
+    assert link.get_link(ForgeJobOperator(phase_id="X1", task_id="t"), ti_key=ti_key) == summary["mlflow_url"]
     assert seen == {"ti_key": ti_key, "key": "return_value"}
     assert mlflow_link.link_from_summary(None) == ""  # failed task: no button target
     # on the worker the link reads the executing operator itself (no XCom round trip)
-    executed = ForgeJobOperator(phase_id="9A", task_id="t2")
+    executed = ForgeJobOperator(phase_id="X1", task_id="t2")
     executed.forge_summary = {"mlflow_url": "http://mlflow.example:5000/#/experiments/1/runs/abc"}
     seen.clear()
     assert link.get_link(executed, ti_key=ti_key).endswith("/runs/abc") and seen == {}
@@ -294,7 +294,7 @@ def test_teacher_keys_come_from_connections_and_only_for_the_phase_teachers(
     assert TeacherKeysHook(cfg, code["B"]).key_env() == {"DASHSCOPE_API_KEY": "qk-1",
                                                          "DEEPSEEK_API_KEY": "dk-2"}
     assert TeacherKeysHook(cfg, code["F"]).key_env() == {}  # rendering YAML calls no teacher
-    assert TeacherKeysHook(cfg, get_phase("9A", cfg)).key_env() == {}  # a phase without teachers
+    assert TeacherKeysHook(cfg, get_phase("X1", cfg)).key_env() == {}  # a phase without teachers
     monkeypatch.setenv("AIRFLOW_CONN_FORGE_DASHSCOPE", json.dumps({"conn_type": "generic"}))
     with pytest.raises(ValueError, match="'forge_dashscope' has no password"):
         TeacherKeysHook(cfg, code["B"]).key_env()

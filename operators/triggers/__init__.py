@@ -1,0 +1,1 @@
+"""Triggers (run in Airflow's triggerer): they wait without holding a worker slot."""
