@@ -22,9 +22,11 @@ from forge.compress.lossless_config import LosslessConfig
 from forge.compress.pruning_config import PruningConfig
 from forge.config_base import Strict
 from forge.evaluate.validation_config import ValidationConfig
+from forge.modifiers.backbone_config import SharedBackboneConfig
 from forge.modifiers.modifier_config import ModifiersConfig
 from forge.modifiers.teacher_config import PLAN_TEACHERS, PLAN_TIERS, CascadeConfig
 from forge.routing.routing_config import RoutingConfig
+from forge.runtime_config import RuntimeConfig
 from forge.serve.few_shot_config import FewShotConfig
 from forge.serve.serve_config import ServingConfig
 from forge.train.distill_config import DistillConfig
@@ -213,6 +215,8 @@ class PipelineConfig(Strict):
     teachers: CascadeConfig = CascadeConfig()
     distill: DistillConfig = DistillConfig()
     modifiers: ModifiersConfig = ModifiersConfig()
+    # 15A: one shared adapter + per-domain heads (above backbone.min_domains modifiers, or forced)
+    backbone: SharedBackboneConfig = SharedBackboneConfig()
     # 6A-6D router, escalation detector, thresholds, session memory; 13A weekly retraining
     routing: RoutingConfig = RoutingConfig()
     # 8A-8D serving, 10A modes, 11A self-consistency, 12A-B self-critique
@@ -225,6 +229,9 @@ class PipelineConfig(Strict):
     storage: StorageConfig = StorageConfig()
     tracking: TrackingConfig = TrackingConfig()
     cache: CacheConfig = CacheConfig()
+    # where the jobs run: local (in process / venv; Celery workers route GPU phases to queue `gpu`) or
+    # Kubernetes pods; GPUs per phase (= pool slots = the launcher's processes)
+    runtime: RuntimeConfig = RuntimeConfig()
     # Fault injection for tests/drills: {"1A": "once"} fails that phase's first attempt.
     faults: dict[str, Literal["once", "always"]] = {}
 

@@ -251,6 +251,23 @@ def validation_phases() -> tuple[Phase, ...]:
     )
 
 
+# ---- 15A: the shared backbone ----------------------------------------------------------------------------
+
+
+def _backbone_skip(cfg: PipelineConfig) -> str | None:
+    return cfg.backbone.skip_reason(len(cfg.modifiers.enabled))
+
+
+def backbone_phases(catalog: Mapping[str, ModifierDomainConfig]) -> tuple[Phase, ...]:
+    """15A reads every catalog domain's H (its adapter) and A (its held-out rows); disabled ones skip."""
+    ids = tuple(modifier_phase_id(spec, s) for spec in catalog.values() for s in ("A", "H"))
+    return (Phase("15A", "15a_shared_backbone", "phase15_shared_backbone",
+                  "Shared backbone: the domain adapters as one shared adapter + per-domain heads",
+                  "forge.modifiers.shared_backbone:run", ("2A", *ids),
+                  ("backbone", "modifiers.enabled", "eval"),
+                  skip=_backbone_skip),)
+
+
 # ---- 13A: the weekly router retraining (its own DAG, forge_router_retraining) ----------------------------
 
 RETRAINING_GROUP = "phase13_router_retraining"
@@ -299,7 +316,7 @@ def pipeline_phases(catalog: Mapping[str, ModifierDomainConfig] | PipelineConfig
     catalog = _default_catalog() if catalog is None else catalog
     mods = [p for domain, spec in catalog.items() for p in modifier_phases(domain, spec)]
     return (*PHASES, *mods, *routing_phases(catalog), *META_PHASES, *serving_phases(catalog),
-            *validation_phases())
+            *validation_phases(), *backbone_phases(catalog))
 
 
 def phases_by_id(catalog: Mapping[str, ModifierDomainConfig] | PipelineConfig | None = None,

@@ -3,6 +3,8 @@
 Thin by design: it builds the validated config from the DAG run (trigger form + conf), resolves
 the artifact store's credentials, hands plain values to a runtime (operators/runtimes/) and
 turns the job's manifest into task state: skipped manifest -> skipped task, summary -> XCom.
+Where the job runs is the run's config (`runtime.backend`): local = the operator's `runtime`
+(inprocess / venv) on the worker that took the task; kubernetes = a pod of the trainer image.
 """
 
 from __future__ import annotations
@@ -14,12 +16,13 @@ from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
 from forge.config import ConfigError, PipelineConfig, deep_merge, load_config
 from forge.phases import get_phase
+from forge.runtime_config import RuntimeConfig
 from operators.hooks.hub import HubTokenHook
 from operators.hooks.mlflow import mlflow_run_url
 from operators.hooks.storage import ArtifactStoreHook
 from operators.hooks.teachers import TeacherKeysHook
 from operators.links.mlflow import MlflowRunLink
-from operators.runtimes import RUNTIMES, JobRequest, Runtime, get_runtime
+from operators.runtimes import RUNTIMES, JobRequest, Runtime, get_runtime, runtime_settings
 from operators.trigger_form import config_request
 
 
@@ -27,9 +30,11 @@ class ForgeJobOperator(BaseOperator):
     """Runs `forge.runner.run_phase(phase_id, ...)` in a runtime.
 
     :param phase_id: a phase registry id ("prep_data", "1A", ...); task_id defaults to its task id.
-    :param runtime: "inprocess" (default) or "venv[:NAME]" (another interpreter, see `python`).
+    :param runtime: "inprocess" (default), "venv[:NAME]" (another interpreter, see `python`) or
+        "kubernetes"; config `runtime.backend: kubernetes` sends every task to Kubernetes.
     :param python: interpreter of the venv runtime; else env FORGE_RUNTIME_<NAME>.
-    :param env: extra environment variables for the job.
+    :param env: extra environment variables for the job (plain values: on Kubernetes, credentials come
+        from Secrets only, and a credential-like name is refused).
     :param config_path: pipeline.yaml to read (default: FORGE_CONFIG or config/pipeline.yaml).
     :param track: log to MLflow (parent run per DAG run, nested run per task).
     :param retries: 0 by default: a failed phase is fixed, then its task cleared by a human.
@@ -89,24 +94,44 @@ class ForgeJobOperator(BaseOperator):
         """Extra env for the job; the GPU operator adds CUDA_VISIBLE_DEVICES."""
         return {k: str(v) for k, v in self.env.items()}
 
+    # ---- where it runs -----------------------------------------------------------------------
+    def requested_gpus(self) -> int:
+        """GPUs this task holds (its pool slots); 0 for a CPU phase."""
+        return 0
+
+    def runtime_env(self, settings: RuntimeConfig) -> dict[str, str]:
+        """Env the execution settings decide (the GPU operator's multi-GPU launcher)."""
+        return {}
+
+    def select_runtime(self, cfg: PipelineConfig, context: Context) -> Runtime:
+        """Config `runtime.backend: kubernetes` (or runtime="kubernetes"): a pod; local: the operator's."""
+        settings = runtime_settings(cfg)
+        spec = "kubernetes" if settings.backend == "kubernetes" else self.runtime
+        return get_runtime(spec, self.python, settings=settings, gpus=self.requested_gpus(), context=context,
+                           task_id=self.task_id)
+
     # ---- run ---------------------------------------------------------------------------------
     def execute(self, context: Context) -> dict[str, Any]:
         cfg, overrides = self.build_config(context)
         run_id = context["run_id"]
-        storage = ArtifactStoreHook(cfg.storage).get_credentials()
-        try:  # teacher API keys from Airflow connections, exported as the env vars the job reads
-            phase = get_phase(self.phase_id, cfg)
-            keys = {**TeacherKeysHook(cfg, phase).key_env(), **HubTokenHook(cfg, phase).token_env()}
-        except ValueError as exc:
-            raise AirflowFailException(str(exc)) from exc
-        request = JobRequest(phase_id=self.phase_id, run_id=run_id, config=cfg, overrides=overrides,
-                             storage=storage, env={**self.job_env(), **keys}, config_path=self.config_path,
-                             track=self.track)
         from operators.runtimes.venv import CONFIG_ERROR_RC, JobFailed, RuntimeSetupError
 
+        # the worker reads the job's manifest back from the store, wherever the job ran
+        storage = ArtifactStoreHook(cfg.storage).get_credentials()
+        runtime = self.select_runtime(cfg, context)
+        try:  # teacher API keys from Airflow connections, exported as the env vars the job reads
+            phase = get_phase(self.phase_id, cfg)
+            keys = {} if getattr(runtime, "env_from_cluster", False) else {  # a pod reads them from Secrets
+                **TeacherKeysHook(cfg, phase).key_env(), **HubTokenHook(cfg, phase).token_env()}
+        except ValueError as exc:
+            raise AirflowFailException(str(exc)) from exc
+        env = {**self.job_env(), **self.runtime_env(runtime_settings(cfg)), **keys}
+        request = JobRequest(phase_id=self.phase_id, run_id=run_id, config=cfg, overrides=overrides,
+                             storage=storage, env=env, config_path=self.config_path, track=self.track)
+
         try:
-            self._runtime = get_runtime(self.runtime, self.python)
-            manifest = self._runtime.run(request, self.log)
+            self._runtime = runtime
+            manifest = runtime.run(request, self.log)
         except RuntimeSetupError as exc:
             raise AirflowFailException(str(exc)) from exc
         except JobFailed as exc:

@@ -8,6 +8,13 @@ Its bin/ goes first on PATH (the accelerate launcher and Axolotl's helpers are f
 shared/STACK.md asks for. Output is streamed line by line to our logger; a failure raises AxolotlError
 with the tail of the output. Checkpoints are reported (on_checkpoint) as soon as they are complete, so a
 job can push them to the artifact store and a retried task resumes from the newest one.
+
+Several GPUs in one job: the operator that runs the job exports FORGE_GPUS=N (its pool slots; on Kubernetes
+the pod's `nvidia.com/gpu` limit) and FORGE_LAUNCHER (runtime.launcher). With N > 1, `axolotl train` starts N
+data-parallel processes through its own launcher flag: `axolotl train Y --launcher accelerate -- --multi_gpu
+--num_processes N ...` (= `accelerate launch ... -m axolotl.cli.train Y`) or `--launcher torchrun --
+--standalone --nproc_per_node N`; `train_argv` returns that argv. N = 1 (or unset), or a worker without
+GPUs, trains in one process.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -35,6 +43,9 @@ CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 PROGRESS_BAR = re.compile(r"^\s*\d+%\|")  # tqdm redraws (split on \r): only the last one is worth a log line
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 TAIL_LINES = 40
+GPUS_ENV = "FORGE_GPUS"  # GPUs the operator gave this job (its pool slots / the pod's GPU limit)
+LAUNCHER_ENV = "FORGE_LAUNCHER"  # accelerate | torchrun, for N > 1
+Launcher = Literal["accelerate", "torchrun"]
 
 log = logging.getLogger("forge.axolotl")
 
@@ -87,6 +98,94 @@ def axolotl_env(bin_dir: Path, mlflow_run_id: str | None = None,
     if mlflow_run_id:
         env["MLFLOW_RUN_ID"] = mlflow_run_id  # transformers' MLflowCallback attaches to this run
     return env
+
+
+# ---------------------------------------------------------------- the launcher (one GPU or several)
+
+
+def requested_gpus(env: dict[str, str] | None = None) -> int:
+    """N from FORGE_GPUS (set by the GPU operator); 1 when unset."""
+    env = os.environ if env is None else env
+    raw = env.get(GPUS_ENV, "").strip()
+    if not raw:
+        return 1
+    try:
+        n = int(raw)
+    except ValueError:
+        raise AxolotlError(f"{GPUS_ENV}={raw!r} is not a GPU count") from None
+    if n < 1:
+        raise AxolotlError(f"{GPUS_ENV}={n}: a job needs at least one device")
+    return n
+
+
+def requested_launcher(env: dict[str, str] | None = None) -> Launcher:
+    env = os.environ if env is None else env
+    launcher = env.get(LAUNCHER_ENV, "").strip() or "accelerate"
+    if launcher not in ("accelerate", "torchrun"):
+        raise AxolotlError(f"{LAUNCHER_ENV}={launcher!r}: expected 'accelerate' or 'torchrun'")
+    return launcher  # type: ignore[return-value]
+
+
+def train_argv(yaml_path: str | Path, n_gpus: int, launcher: Launcher = "accelerate", *,
+               axolotl: str = "axolotl", main_process_port: int | None = None) -> list[str]:
+    """The `axolotl train` command for one rendered YAML on n_gpus devices.
+
+    1 device: Axolotl's in-process trainer (`--launcher python`: CPU or the one visible GPU).
+    N > 1: data parallel, one process per GPU, through Axolotl's launcher flag; what follows `--` goes to the
+    launcher. accelerate is given every setting (a stray ~/.cache/huggingface/accelerate config must not
+    decide); torchrun's --standalone picks a free rendezvous port itself.
+    """
+    base = [axolotl, "train", str(yaml_path)]
+    if n_gpus < 1:
+        raise AxolotlError(f"n_gpus must be >= 1 (got {n_gpus})")
+    if n_gpus == 1:
+        return [*base, "--launcher", "python"]
+    if launcher == "accelerate":
+        args = ["--multi_gpu", "--num_processes", str(n_gpus), "--num_machines", "1",
+                "--dynamo_backend", "no"]
+        if main_process_port is not None:
+            args += ["--main_process_port", str(main_process_port)]
+        return [*base, "--launcher", "accelerate", "--", *args]
+    if launcher == "torchrun":
+        return [*base, "--launcher", "torchrun", "--", "--standalone", "--nnodes", "1",
+                "--nproc_per_node", str(n_gpus)]
+    raise AxolotlError(f"unknown launcher {launcher!r}: expected 'accelerate' or 'torchrun'")
+
+
+def _free_port() -> int:
+    """A free local port for accelerate's rendezvous: two multi-GPU jobs on one box must not share 29500."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def visible_gpus(env: dict[str, str]) -> tuple[int | None, str]:
+    """(GPUs the job can see, how that was found); None when unknown (no torch here)."""
+    visible = env.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return len([d for d in visible.split(",") if d.strip()]), f"CUDA_VISIBLE_DEVICES={visible!r}"
+    try:
+        import torch
+    except ImportError:  # Axolotl's launcher will say it
+        return None, "unknown"
+    return torch.cuda.device_count(), "torch.cuda.device_count()"
+
+
+def launch_gpus(n_gpus: int, env: dict[str, str], logger: logging.Logger) -> int:
+    """The processes to launch for N requested GPUs: N when N are visible; 1 on a CPU-only worker (the GPU
+    operator's rule: the same job runs on CPU there); an error for 0 < visible < N (NCCL would hang, or
+    ranks would share a GPU)."""
+    if n_gpus <= 1:
+        return 1
+    count, where = visible_gpus(env)
+    if count is None or count >= n_gpus:
+        return n_gpus
+    if count == 0:
+        logger.warning("%s=%d but no GPU is visible (%s): training in one process on CPU", GPUS_ENV, n_gpus,
+                       where)
+        return 1
+    raise AxolotlError(f"{GPUS_ENV}={n_gpus} but this worker sees {count} GPU(s) ({where}): give the task as "
+                       "many devices as it takes pool slots, or lower runtime.gpus of this phase")
 
 
 # ---------------------------------------------------------------- streaming a child
@@ -209,12 +308,14 @@ def run_axolotl(
     logger: logging.Logger | None = None,
     mlflow_run_id: str | None = None,
     env: dict[str, str] | None = None,
-    launcher: Literal["python", "accelerate", "torchrun"] = "python",
+    launcher: Literal["python", "accelerate", "torchrun"] | None = None,
+    gpus: int | None = None,
     on_checkpoint: Callable[[int, Path], None] | None = None,
 ) -> AxolotlResult:
     """`axolotl preprocess` then `axolotl train` for one rendered YAML; the adapter and its metrics.
 
-    launcher: "python" for one device (CPU or one GPU); "accelerate"/"torchrun" for several GPUs.
+    gpus: data-parallel processes (default: FORGE_GPUS, else 1). launcher: "python" forces one process;
+    "accelerate"/"torchrun" choose the multi-GPU launcher (default: FORGE_LAUNCHER, else accelerate).
     on_checkpoint(step, folder): called once per complete checkpoint (e.g. JobContext.save_checkpoint).
     """
     logger = logger or log
@@ -228,13 +329,18 @@ def run_axolotl(
     bin_dir = axolotl_bin_dir()
     child_env = axolotl_env(bin_dir, mlflow_run_id, env)
     axolotl = str(bin_dir / "axolotl")
+    n_gpus = 1 if launcher == "python" else (gpus if gpus is not None else requested_gpus(child_env))
+    multi: Launcher = launcher if launcher in ("accelerate", "torchrun") else requested_launcher(child_env)
+    n_gpus = launch_gpus(n_gpus, child_env, logger)
+    port = _free_port() if n_gpus > 1 and multi == "accelerate" else None
+    train_cmd = train_argv(yaml_path, n_gpus, multi, axolotl=axolotl, main_process_port=port)
 
     for name, cmd, on_line in (
         ("preprocess", [axolotl, "preprocess", str(yaml_path)], None),
-        ("train", [axolotl, "train", str(yaml_path), "--launcher", launcher],
-         _CheckpointWatch(output_dir, on_checkpoint, resumed_from)),
+        ("train", train_cmd, _CheckpointWatch(output_dir, on_checkpoint, resumed_from)),
     ):
-        logger.info("axolotl %s %s (runtime %s)", name, yaml_path.name, bin_dir.parent)
+        where = f", {n_gpus} GPUs via {multi}" if name == "train" and n_gpus > 1 else ""
+        logger.info("axolotl %s %s (runtime %s%s)", name, yaml_path.name, bin_dir.parent, where)
         rc, tail = _stream(cmd, child_env, yaml_path.parent, logger, on_line)
         if rc != 0:
             last = tail.splitlines()[-1].strip() if tail else "no output"  # usually the exception itself

@@ -285,7 +285,7 @@ def run(ctx: JobContext) -> JobResult:
     from peft import LoraConfig, get_peft_model
 
     from forge.modeling import load_model, load_tokenizer, pick_device
-    from forge.train.qlora_trainer import seed_everything
+    from forge.train.qlora_trainer import base_name, save_adapter, seed_everything
 
     cfg, m = ctx.config, ctx.config.meta.maml
     suite = {d: cfg.modifiers.suite_of(d) if d in cfg.modifiers.domains else d for d in m.domains}
@@ -333,7 +333,9 @@ def run(ctx: JobContext) -> JobResult:
         own = dict(model.named_parameters())
         for n, t in theta.items():
             own[n].copy_(t)
-    model.save_pretrained(ctx.out_dir / "adapter")
+    # the base named by its phase, not its local path (that names the run; a recomputed 7A writes the same
+    # bytes)
+    save_adapter(model, ctx.out_dir / "adapter", base_name("2A", str(model_dir)))
     report = {
         "train_families": sorted(train),
         "heldout_families": sorted(test),

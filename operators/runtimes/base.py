@@ -26,6 +26,20 @@ class JobRequest:
     track: bool = True
 
 
+def committed_manifest(request: JobRequest, where: str) -> Manifest:
+    """The manifest the job committed, read back from the store (a job in another process or pod reports
+    nothing else); `where` says where it ran, for the error when there is none."""
+    from forge.artifacts import ArtifactError
+    from forge.runner import make_store
+
+    store = make_store(request.config, request.storage.storage_options)
+    manifest = store.run_manifest(request.run_id, request.phase_id)
+    if manifest is None:
+        raise ArtifactError(f"{where} succeeded but run {request.run_id!r} has no manifest for "
+                            f"{request.phase_id} in {store.root}: does it write to the same store?")
+    return manifest
+
+
 class Runtime(Protocol):
     """Where a phase's job runs. It returns the phase's committed (or skipped) manifest."""
 

@@ -13,9 +13,8 @@ import signal
 import subprocess
 from pathlib import Path
 
-from forge.artifacts import ArtifactError, Manifest
-from forge.runner import make_store
-from operators.runtimes.base import REPO_ROOT, JobRequest
+from forge.artifacts import Manifest
+from operators.runtimes.base import REPO_ROOT, JobRequest, committed_manifest
 
 CONFIG_ERROR_RC = 2  # what `python -m forge` returns for an invalid config
 
@@ -76,12 +75,7 @@ class VenvRuntime:
         if rc != 0:
             raise JobFailed(f"phase {request.phase_id} failed in runtime {self.name} (exit code {rc}); "
                             "its traceback is in the log above", rc)
-        store = make_store(request.config, request.storage.storage_options)
-        manifest = store.run_manifest(request.run_id, request.phase_id)
-        if manifest is None:
-            raise ArtifactError(f"runtime {self.name} exited 0 but run {request.run_id!r} has no "
-                                f"manifest for {request.phase_id} in {store.root}")
-        return manifest
+        return committed_manifest(request, f"runtime {self.name}")
 
     def kill(self) -> None:
         proc = self._proc

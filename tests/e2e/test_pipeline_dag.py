@@ -392,3 +392,34 @@ def test_meta_learning_and_validation_phases(pipeline_run: dict[str, Any], forge
     uri = str(failed.value).split("Report: ", 1)[1].split()[0]
     stored = store.read_text(uri)
     assert stored and "FAILED: reasoning" in stored and "## Failed examples: reasoning" in stored
+
+
+def test_shared_backbone_skips_below_15_domains_and_reports_when_forced(pipeline_run: dict[str, Any],
+                                                                        forge_env: Path) -> None:
+    """15A skips in the run (2 modifiers, the plan's bar is 15); forced on the same run's adapters it reports
+    the size saved and the quality kept per domain."""
+    import json
+
+    from forge.config import deep_merge, load_config
+    from forge.ledger import read_rows
+    from forge.runner import make_store, run_phase
+    from tests.conftest import TINY_OVERRIDES
+
+    cfg = run_config()
+    run_id = pipeline_run["dag_run"].run_id
+    store = make_store(cfg)
+    row = {r["phase"]: r for r in read_rows(store, run_id)}["15A"]
+    assert row["status"] == "skipped" and "below backbone.min_domains (15)" in row["notes"]
+    forced = load_config(profile="demo", overrides=deep_merge(TINY_OVERRIDES, {
+        "modifiers": {"enabled": list(MODIFIERS)},
+        "backbone": {"force": True, "shared_rank": 8, "head_rank": 2, "eval_rows": 4}}))
+    m = run_phase("15A", forced, run_id, track=False)
+    assert m.status == "complete"
+    report = json.loads((store.materialize(m) / "backbone_report.json").read_text())
+    assert set(report["domains"]) == set(MODIFIERS) and report["forced"]
+    # two rank-8 adapters -> shared rank 8 + two rank-2 heads: 12 of 16 ranks' parameters
+    assert report["params_saved"] == pytest.approx(0.25)
+    for d in MODIFIERS:
+        v = report["domains"][d]
+        assert v["rows"] == 4 and 0 <= v["acc_backbone"] <= 1 and 0 <= v["relative_error"] < 1
+        assert v["acc_own"] is not None and v["logprob_own"] < 0

@@ -34,7 +34,7 @@ import pytest
 from forge.artifacts import Manifest
 from forge.config import PipelineConfig, deep_merge, load_config
 from forge.modifiers.local_teachers import free_port
-from forge.phases import get_phase, pipeline_phases
+from forge.phases import Phase, get_phase, pipeline_phases, wait_task_id
 from tests.conftest import REPO, TINY_OVERRIDES
 
 pytestmark = pytest.mark.services
@@ -229,12 +229,23 @@ def expected_first_attempt(cfg: PipelineConfig) -> dict[str, str]:
             out[task_id(p.id)] = "upstream_failed"
         else:
             out[task_id(p.id)] = "skipped" if p.id in skipped else "success"
+    # 9B's wait for ratings (a sensor, not a phase): blocked with its phase, else skipped with the study
+    out.update({wait_id(p): "upstream_failed" if p.id in descendants(PHASE) else "skipped" for p in waits()})
     return out
 
 
 def expected_success(cfg: PipelineConfig) -> dict[str, str]:
     skipped = skipped_by_default(cfg)
-    return {task_id(p.id): "skipped" if p.id in skipped else "success" for p in pipeline_phases()}
+    out = {task_id(p.id): "skipped" if p.id in skipped else "success" for p in pipeline_phases()}
+    return out | {wait_id(p): "skipped" for p in waits()}
+
+
+def waits() -> list[Phase]:
+    return [p for p in pipeline_phases() if p.waits_for_ratings]
+
+
+def wait_id(phase: Phase) -> str:
+    return f"{phase.group}.{wait_task_id(phase)}"
 
 
 # ---- (a) a fault fails the run at PHASE ---------------------------------------------------------
@@ -283,7 +294,8 @@ def recovered_run(stack: Stack, failed_run: RunRecord) -> Recovery:
 def test_b_clearing_reruns_the_phase_and_its_downstream_only(stack: Stack, recovered_run: Recovery) -> None:
     before, after = recovered_run.before, recovered_run.after
     rerun = {PHASE} | descendants(PHASE)
-    assert recovered_run.cleared == {task_id(p) for p in rerun}
+    sensors = {wait_id(p) for p in waits() if p.id in rerun}  # downstream too: cleared with their phases
+    assert recovered_run.cleared == {task_id(p) for p in rerun} | sensors
     assert {tid: ti.get("state") for tid, ti in after.tis.items()} == expected_success(stack.cfg), \
         failure_logs(stack, after)
     assert after.state == "success"

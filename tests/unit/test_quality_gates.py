@@ -115,7 +115,8 @@ def test_serving_applies_7b_templates_when_asked(in_tiny_run: Any, release: Path
     write_release_json(copy, {k: v for k, v in meta.items() if k not in ("files", "format")})
     cfg, service = _service(in_tiny_run, copy, {})
     try:
-        question = [{"role": "user", "content": generate("code", 1, 3, "heldout")[0]["messages"][0]["content"]}]
+        text = generate("code", 1, 3, "heldout")[0]["messages"][0]["content"]
+        question = [{"role": "user", "content": text}]
         plain = service.complete(ChatRequest(question, mode="fast", max_tokens=4))
         shots = service.complete(ChatRequest(question, mode="fast", max_tokens=4, few_shot=True))
     finally:
