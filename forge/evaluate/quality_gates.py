@@ -80,19 +80,20 @@ def humaneval_results(ctx: JobContext, service: Any) -> list[dict[str, Any]]:
             "prompt": p["prompt"],
             "messages": [
                 {"role": "user", "content": HUMANEVAL_PROMPT.format(prompt=p["prompt"])},
-                {"role": "assistant", "content": ""},
+                {"role": "assistant", "content": p["canonical_solution"]},  # the reference, as in suite rows
             ],
-            "check": {"kind": "exact", "answer": ""},
         }
         for p in problems
     ]
-    recs = run_requests(
+    recs = run_requests(  # scored below by HumanEval's own programs, not the suites' checks
         service,
         rows,
         lambda r: ChatRequest([], mode=g.mode, session_id=f"9a-{r['id']}", max_tokens=he.max_tokens),
         "9A HumanEval",
+        check=False,
     )
     outputs = {r["id"]: r["output"] for r in recs}
+    prompts = {p["task_id"]: p["prompt"] for p in problems}
     options = {r["id"]: r["option"] for r in recs}
     completions = {p["task_id"]: completion_from_output(p, outputs[p["task_id"]]) for p in problems}
     result = score(problems, completions, timeout_s=he.timeout_s)
@@ -101,7 +102,7 @@ def humaneval_results(ctx: JobContext, service: Any) -> list[dict[str, Any]]:
             "id": rec["task_id"],
             "correct": bool(rec["passed"]),
             "option": options[rec["task_id"]],
-            "prompt": next(p["prompt"] for p in problems if p["task_id"] == rec["task_id"]),
+            "prompt": prompts[rec["task_id"]],
             "output": outputs[rec["task_id"]],
             "detail": rec["detail"],
         }

@@ -81,9 +81,11 @@ def eval_rows(ctx: JobContext, domains: Sequence[str], n: int) -> list[dict[str,
 
 
 def run_requests(
-    service: Any, rows: Sequence[dict[str, Any]], make: Callable[[dict[str, Any]], Any], what: str
+    service: Any, rows: Sequence[dict[str, Any]], make: Callable[[dict[str, Any]], Any], what: str,
+    check: bool = True,
 ) -> list[dict[str, Any]]:
-    """Each row through the service (as many at once as it has workers); correctness by the suites' checks."""
+    """Each row through the service (as many at once as it has workers); correctness by the suites' checks
+    (check=False: rows scored elsewhere, e.g. HumanEval's programs; correct is None)."""
     from forge.data.records import prompt_messages
     from forge.data.suites import check_answer
 
@@ -91,12 +93,12 @@ def run_requests(
         req = make(row)
         req.messages = prompt_messages(row)
         result = service.complete(req)
-        check = check_answer(row, result.text)
+        verdict = check_answer(row, result.text) if check else None
         return {
             "id": row.get("id"),
             "domain": row["domain"],
-            "correct": check.correct,
-            "detail": check.detail,
+            "correct": verdict.correct if verdict else None,
+            "detail": verdict.detail if verdict else "",
             "output": result.text,
             "option": result.route.option,
             "latency_ms": result.latency_ms,

@@ -86,8 +86,9 @@ class Release:
         calibration = (
             json.loads((folder / CALIBRATION).read_text()) if (folder / CALIBRATION).is_file() else {}
         )
-        return cls(folder, meta, adapters, opt(POLICY_DIR), opt(DETECTOR_DIR), opt(CRITIC_DIR), calibration,
-                   opt(FEW_SHOT_DIR))
+        # by keyword: a positional slip between two optional fields once passed calibration as a folder
+        return cls(folder, meta, adapters, policy_dir=opt(POLICY_DIR), detector_dir=opt(DETECTOR_DIR),
+                   critic_dir=opt(CRITIC_DIR), calibration=calibration, few_shot_dir=opt(FEW_SHOT_DIR))
 
 
 def file_entries(folder: Path) -> dict[str, dict[str, Any]]:
