@@ -6,8 +6,11 @@
 
 1. raw       llama-cpp-python alone on the same GGUF + recovery adapter: `Llama.generate` greedy, exactly
              --tokens tokens after a chat-template prompt; time to first token and decode tokens/s
-2. engine    the same through Forge's ChatService in-process, per mode (fast / accurate / auto): routing,
-             queue, adapter switch, streaming included; the overhead ratio is engine / raw tokens/s
+2. engine    the same through Forge's ChatService in-process, per mode (fast / accurate / auto, and fast
+             with a hand-off per token): routing, queue, adapter switch, streaming included; raw and the
+             modes take turns round by round; the overhead ratio is engine fast / raw tokens/s
+   --breakdown: the per-token path from raw to the engine's one step at a time (worker thread, detokenize,
+             hand-off per token or per stream interval, model created in the worker thread)
 3. switch    one worker alternating options: llama_set_adapters_lora + context reset, --switches times
 4. http      the real server (uvicorn + the OpenAI-compatible API) on loopback, the `openai` client per mode,
              then --clients concurrent streaming clients: errors, aggregate tokens/s, TTFT p50/p99
@@ -47,10 +50,8 @@ def pct(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) if values else 0.0
 
 
-def raw_llama(
-    release: Any, ids: list[int], tokens: int, repeats: int, n_ctx: int, a: argparse.Namespace
-) -> dict[str, Any]:
-    """llama-cpp-python with nothing of Forge around it: the floor the engine is compared with."""
+def raw_model(release: Any, n_ctx: int, a: argparse.Namespace) -> Any:
+    """llama-cpp-python's Llama over the release's GGUF with its recovery LoRA, nothing of Forge around it."""
     from llama_cpp import Llama
 
     from forge.evaluate.llama_cpp_params import plain_cpu_buffers
@@ -58,7 +59,7 @@ def raw_llama(
     if a.n_gpu_layers == 0:  # as the engine does
         plain_cpu_buffers()
     lora = release.adapters.get("base")
-    llm = Llama(
+    return Llama(
         model_path=str(release.gguf),
         lora_path=str(lora) if lora else None,
         n_ctx=n_ctx,
@@ -68,21 +69,101 @@ def raw_llama(
         flash_attn=a.flash_attn,
         verbose=a.verbose,
     )
-    ttft, tps = [], []
-    for _ in range(repeats + 1):  # the first is a warm-up
-        llm.reset()
-        started = time.perf_counter()
-        first = last = started
-        for i, _tok in enumerate(llm.generate(ids, top_k=0, top_p=1.0, min_p=0.0, temp=0.0, reset=True)):
-            last = time.perf_counter()
-            if i == 0:
-                first = last
-            if i + 1 >= tokens:
-                break
-        ttft.append((first - started) * 1000)
-        tps.append((tokens - 1) / (last - first))
+
+
+def decode(llm: Any, ids: list[int], tokens: int, on_token: Any = None) -> tuple[float, float]:
+    """One greedy generation of exactly `tokens` tokens: (TTFT ms, decode tokens/s)."""
+    llm.reset()
+    started = time.perf_counter()
+    first = last = started
+    for i, tok in enumerate(llm.generate(ids, top_k=0, top_p=1.0, min_p=0.0, temp=0.0, reset=True)):
+        if on_token is not None:
+            on_token(tok)
+        last = time.perf_counter()
+        if i == 0:
+            first = last
+        if i + 1 >= tokens:
+            break
+    return (first - started) * 1000, (tokens - 1) / (last - first)
+
+
+def raw_llama(
+    release: Any, ids: list[int], tokens: int, repeats: int, n_ctx: int, a: argparse.Namespace
+) -> dict[str, Any]:
+    """The floor the engine is compared with: raw llama-cpp-python in this thread."""
+    llm = raw_model(release, n_ctx, a)
+    runs = [decode(llm, ids, tokens) for _ in range(repeats + 1)][1:]  # the first is a warm-up
     llm.close()
-    return {"ttft_ms": statistics.median(ttft[1:]), "tokens_per_s": statistics.median(tps[1:])}
+    return {"ttft_ms": statistics.median(r[0] for r in runs),
+            "tokens_per_s": statistics.median(r[1] for r in runs)}
+
+
+def per_token_path(
+    release: Any, ids: list[int], tokens: int, repeats: int, n_ctx: int, a: argparse.Namespace,
+    interval_ms: float,
+) -> dict[str, Any]:
+    """Where an engine's per-token time goes: raw decode, then one step at a time closer to the engine (a
+    worker thread, detokenizing, a queue hand-off to a consuming thread per token or per interval, a model
+    created in the thread that decodes). Variants take turns round by round; tokens/s medians."""
+    import codecs
+    import queue
+    from concurrent.futures import ThreadPoolExecutor
+
+    done = object()
+    pool = ThreadPoolExecutor(1)  # one long-lived worker thread, as the engine's
+    llm = raw_model(release, n_ctx, a)
+    own = pool.submit(raw_model, release, n_ctx, a).result()  # created (and later used) in the worker thread
+
+    def detokenizing() -> Any:
+        dec = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        return lambda tok: dec.decode(llm.detokenize([tok]))
+
+    def handed_over(interval_s: float) -> tuple[float, float]:
+        out: queue.Queue = queue.Queue()
+        dec = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        pending: list[str] = []
+        last = [-interval_s]
+
+        def on_token(tok: int) -> None:
+            pending.append(dec.decode(llm.detokenize([tok])))
+            now = time.perf_counter()
+            if now - last[0] >= interval_s:
+                out.put("".join(pending))
+                pending.clear()
+                last[0] = now
+
+        def run() -> tuple[float, float]:
+            try:
+                return decode(llm, ids, tokens, on_token)
+            finally:
+                out.put(done)
+
+        fut = pool.submit(run)
+        while out.get() is not done:  # the consumer: this thread, woken per hand-off
+            pass
+        return fut.result()
+
+    variants = {
+        "raw, this thread": lambda: decode(llm, ids, tokens),
+        "raw, a worker thread": lambda: pool.submit(decode, llm, ids, tokens).result(),
+        "+ detokenize": lambda: pool.submit(decode, llm, ids, tokens, detokenizing()).result(),
+        "+ hand-off per token": lambda: handed_over(0.0),
+        f"+ hand-off every {interval_ms:g} ms": lambda: handed_over(interval_ms / 1000),
+        "model created in the worker thread": lambda: pool.submit(decode, own, ids, tokens).result(),
+    }
+    runs: dict[str, list[float]] = {k: [] for k in variants}
+    for r in range(repeats + 1):
+        for name, fn in variants.items():
+            tps = fn()[1]
+            if r:
+                runs[name].append(tps)
+    pool.submit(own.close).result()
+    pool.shutdown()
+    llm.close()
+    base = statistics.median(runs["raw, this thread"])
+    return {k: {"tokens_per_s": statistics.median(v), "ratio": statistics.median(v) / base,
+                "us_per_token_over_raw": (1 / statistics.median(v) - 1 / base) * 1e6}
+            for k, v in runs.items()}
 
 
 # HBM bandwidth (vendor datasheets): a decode step reads every weight once, so bandwidth / weight bytes per
@@ -117,30 +198,44 @@ def bandwidth_bound(gguf: Path, measured: dict[str, float]) -> dict[str, Any]:
     return out
 
 
-def engine_modes(service: Any, messages: list[dict[str, str]], tokens: int, repeats: int) -> dict[str, Any]:
+def engine_modes(
+    service: Any, messages: list[dict[str, str]], tokens: int, repeats: int, raw: Any = None
+) -> dict[str, Any]:
+    """Each mode through the service, and (given `raw`, a Llama) raw llama-cpp-python on the same prompt."""
     from forge.serve.service import ChatRequest
 
-    modes = ("fast", "accurate", "auto")
-    runs: dict[str, list[Any]] = {m: [] for m in modes}
-    # the modes take turns, round after round: a clock that ramps up (a GPU's) or a neighbour's load then
-    # weighs on every mode alike; round 0 is a warm-up
-    for r in range(repeats + 1):
-        for mode in modes:
-            for w in service.engine.workers:  # idle between requests: clear the prompt cache, as raw runs do
-                w.llm.reset()
-            res = service.complete(
-                ChatRequest(
-                    messages, mode=mode, max_tokens=tokens, ignore_eos=True, session_id=f"bench-{mode}-{r}"
-                )
-            )
-            if r:
-                runs[mode].append(res)
+    engine = service.engine
+    interval = engine.stream_interval_s
+    ids = engine.prompt_ids(messages, tokens)
+    variants = [(m, m, interval) for m in ("fast", "accurate", "auto")]
+    if interval:  # what the interval buys: the same fast request with a hand-off per token
+        variants.append(("fast, per-token hand-off", "fast", 0.0))
+    if raw is not None:
+        variants.append(("raw", "", 0.0))
+    runs: dict[str, list[tuple[float, float, str]]] = {v[0]: [] for v in variants}
+    # the variants take turns, round after round: a clock that ramps up (a GPU's) or a neighbour's load then
+    # weighs on each alike; round 0 is a warm-up
+    try:
+        for r in range(repeats + 1):
+            for label, mode, stream_interval in variants:
+                if label == "raw":
+                    run = (*decode(raw, ids, tokens), "")
+                else:
+                    engine.stream_interval_s = stream_interval
+                    for w in engine.workers:  # idle between requests: clear the prompt cache, as raw runs do
+                        w.llm.reset()
+                    res = service.complete(
+                        ChatRequest(messages, mode=mode, max_tokens=tokens, ignore_eos=True,
+                                    session_id=f"bench-{mode}-{r}")
+                    )
+                    run = (res.usage.first_token_ms, res.usage.tokens_per_s, res.route.option)
+                if r:
+                    runs[label].append(run)
+    finally:
+        engine.stream_interval_s = interval
     return {
-        m: {
-            "ttft_ms": statistics.median(x.usage.first_token_ms for x in rs),
-            "tokens_per_s": statistics.median(x.usage.tokens_per_s for x in rs),
-            "option": rs[-1].route.option,
-        }
+        m: {"ttft_ms": statistics.median(x[0] for x in rs),
+            "tokens_per_s": statistics.median(x[1] for x in rs), "option": rs[-1][2]}
         for m, rs in runs.items()
     }
 
@@ -165,30 +260,37 @@ def http(service: Any, cfg: Any, messages: list[dict[str, str]], tokens: int, cl
     out: dict[str, Any] = {}
     with BackgroundServer(create_app(service, cfg.serving, [key])) as srv:
 
-        def stream(mode: str, session: str) -> tuple[float, float, int]:
+        def stream(mode: str, session: str) -> tuple[float, float, int, int]:
+            """TTFT ms, decode tokens/s, tokens, SSE chunks (the engine sends text every stream_interval_ms,
+            so a chunk may carry several tokens; the count comes from the usage chunk)."""
             client = OpenAI(base_url=f"{srv.url}/v1", api_key=key, max_retries=0, timeout=600)
             started = time.perf_counter()
-            first, n = None, 0
+            first, chunks, n = None, 0, 0
             for c in client.chat.completions.create(
                 model=name,
                 messages=messages,
                 max_tokens=tokens,
                 stream=True,
+                stream_options={"include_usage": True},
                 extra_body={"mode": mode, "ignore_eos": True, "session_id": session},
             ):
                 if c.choices and c.choices[0].delta.content:
-                    n += 1
+                    chunks += 1
                     first = first or time.perf_counter()
+                if c.usage:
+                    n = c.usage.completion_tokens
             end = time.perf_counter()
-            return ((first or end) - started) * 1000, (n - 1) / (end - first) if first and n > 1 else 0.0, n
+            tps = (n - 1) / (end - first) if first and n > 1 and end > first else 0.0
+            return ((first or end) - started) * 1000, tps, n, chunks
 
         for mode in ("fast", "accurate", "auto"):
             runs = [stream(mode, f"http-{mode}-{i}") for i in range(3)]
             out[mode] = {
                 "ttft_ms": statistics.median(r[0] for r in runs[1:]),
-                "chunks_per_s": statistics.median(r[1] for r in runs[1:]),
+                "tokens_per_s": statistics.median(r[1] for r in runs[1:]),
+                "chunks": statistics.median(r[3] for r in runs[1:]),
             }
-        results: list[tuple[float, float, int]] = []
+        results: list[tuple[float, float, int, int]] = []
         errors: list[str] = []
 
         def client_thread(i: int) -> None:
@@ -208,7 +310,7 @@ def http(service: Any, cfg: Any, messages: list[dict[str, str]], tokens: int, cl
             "clients": clients,
             "errors": errors,
             "completed": len(results),
-            "aggregate_chunks_per_s": sum(r[2] for r in results) / wall,
+            "aggregate_tokens_per_s": sum(r[2] for r in results) / wall,
             "ttft_p50_ms": pct([r[0] for r in results], 50),
             "ttft_p99_ms": pct([r[0] for r in results], 99),
             "wall_s": wall,
@@ -284,6 +386,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--switches", type=int, default=200)
     ap.add_argument("--quality-rows", type=int, default=0)
     ap.add_argument("--no-http", action="store_true")
+    ap.add_argument("--breakdown", action="store_true",
+                    help="also time the per-token path step by step (thread, detokenize, hand-off)")
+    ap.add_argument("--stream-interval-ms", type=float, default=None,
+                    help="the engine's stream interval (default: the config's serving.stream_interval_ms)")
     ap.add_argument("--json", help="also write the result here")
     a = ap.parse_args(argv)
 
@@ -294,7 +400,11 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(
         profile=a.profile,
         overrides={
-            "serving": {"n_ctx": a.n_ctx, "allow_no_auth": True},
+            "serving": {
+                "n_ctx": a.n_ctx,
+                "allow_no_auth": True,
+                **({} if a.stream_interval_ms is None else {"stream_interval_ms": a.stream_interval_ms}),
+            },
             "routing": {
                 "sessions": {"url": "sqlite:////tmp/forge-bench-sessions.db"},
                 "retraining": {"feedback_root": "file:///tmp/forge-bench-feedback"},
@@ -334,15 +444,17 @@ def main(argv: list[str] | None = None) -> int:
         f"n_gpu_layers {a.n_gpu_layers}"
     )
     n_ctx = service.engine.n_ctx  # the GGUF's trained context caps the configured one: raw runs with it too
+    print(f"engine stream interval {service.engine.stream_interval_s * 1000:g} ms; raw llama-cpp-python "
+          "loaded beside it, the two taking turns", flush=True)
+    raw_llm = raw_model(release, n_ctx, a)
     try:
-        result["engine"] = engine_modes(service, messages, a.tokens, a.repeats)
+        modes = engine_modes(service, messages, a.tokens, a.repeats, raw_llm)
         result["switch"] = switches(service.engine, a.switches)
     finally:
         service.close()
-    print("raw llama-cpp-python ...", flush=True)
-    result["raw"] = raw_llama(
-        release, ids, a.tokens, a.repeats, n_ctx, a
-    )  # after: one model in memory at a time
+        raw_llm.close()
+    result["raw"] = modes.pop("raw")
+    result["engine"] = modes
     fast = result["engine"]["fast"]["tokens_per_s"]
     result["overhead_ratio"] = fast / result["raw"]["tokens_per_s"]
     raw = result["raw"]
@@ -353,6 +465,14 @@ def main(argv: list[str] | None = None) -> int:
             f"({m['option']})"
         )
     print(f"fast / raw tokens/s: {result['overhead_ratio']:.3f} (target >= {TARGET_OVERHEAD})")
+    if a.breakdown:
+        print("per-token path (raw llama-cpp-python step by step towards the engine) ...", flush=True)
+        result["per_token_path"] = per_token_path(
+            release, ids, a.tokens, a.repeats, n_ctx, a, cfg.serving.stream_interval_ms or 20.0
+        )
+        for name, v in result["per_token_path"].items():
+            print(f"  {name:38s} {v['tokens_per_s']:8.1f} tok/s  {v['ratio']:.3f}x  "
+                  f"{v['us_per_token_over_raw']:+7.1f} us/token")
     if a.n_gpu_layers != 0:
         measured = {"raw": raw["tokens_per_s"], **{m: v["tokens_per_s"] for m, v in result["engine"].items()}}
         bw = result["bandwidth"] = bandwidth_bound(release.gguf, measured)
@@ -379,12 +499,12 @@ def main(argv: list[str] | None = None) -> int:
                     h = result["http"][mode]
                     print(
                         f"http {mode:9s}         TTFT {h['ttft_ms']:8.1f} ms   "
-                        f"{h['chunks_per_s']:8.1f} chunks/s"
+                        f"{h['tokens_per_s']:8.1f} tok/s in {h['chunks']:.0f} SSE chunks"
                     )
                 c = result["http"]["concurrent"]
                 print(
                     f"{c['clients']} concurrent streams ({a.workers} workers): {c['completed']} completed, "
-                    f"{len(c['errors'])} errors, {c['aggregate_chunks_per_s']:.1f} chunks/s together, "
+                    f"{len(c['errors'])} errors, {c['aggregate_tokens_per_s']:.1f} tok/s together, "
                     f"TTFT p50 "
                     f"{c['ttft_p50_ms']:.0f} / p99 {c['ttft_p99_ms']:.0f} ms"
                 )

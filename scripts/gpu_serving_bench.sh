@@ -20,6 +20,7 @@
 #   f. benchmarks/serving.py on that release, if the file exists -> $OUT/serving_gpu.json (native backtrace on
 #      SIGSEGV via a preloaded handler; BENCH_PROBES=1 adds model-load probes -> $OUT/probes.log)
 #   Skips: BENCH_SKIP_RAW=1 (e), BENCH_SKIP_E2=1 (e2), BENCH_PROBES=0; BENCH_PACK=1 packs the build (too big to carry)
+#   BENCH_SERVING_ARGS: extra arguments to benchmarks/serving.py (default --breakdown)
 #
 # Rebuild the carried folder here (not on the device; ~12 MB):
 #   pip download --no-deps --no-binary :all: llama-cpp-python==0.3.36 (77 MB), then repack it without .git,
@@ -169,6 +170,13 @@ if [[ "$SKIP_BUILD" != 1 ]]; then
         awk 'NR>1{printf "  %6.1fs %s\n", ($2-$1)/1000, $4}' "$WORK/cfg/.ninja_log" | sed 's|CMakeFiles/ggml-cuda.dir/||'
         exit 0
     fi
+    # a warm machine keeps $WORK/build: CMake's cache would keep an option the new arguments leave out
+    # (a -DGGML_CUDA_FA=OFF build served a later flash-attention run from the CPU), so other arguments, new build
+    if [[ -d "$WORK/build" && "$(cat "$WORK/build.args" 2>/dev/null)" != "$CMAKE_ARGS" ]]; then
+        step "b. CMAKE_ARGS changed since the kept build: starting from scratch"
+        rm -rf "$WORK/build"
+    fi
+    echo "$CMAKE_ARGS" >"$WORK/build.args"
     step "b. building llama-cpp-python $VERSION (CMAKE_ARGS: $CMAKE_ARGS) in the background"
     BUILD_T0=$SECONDS
     (timeout "$BUILD_TIMEOUT_S" $PY -m pip install -v --no-build-isolation --no-deps --no-cache-dir --no-compile \
@@ -673,6 +681,7 @@ step "f. how the libraries get their C++ runtime (host compiler $(command -v g++
   done ) 2>&1 || true
 # BENCH_FLASH=0: without flash attention (a build with -DGGML_CUDA_FA=OFF compiles in about half the time)
 [[ "${BENCH_FLASH:-1}" == 1 ]] && FLASH="--flash-attn" || FLASH=""
+SERVING_ARGS="${BENCH_SERVING_ARGS:---breakdown}"  # extra benchmarks/serving.py arguments
 if [[ -f benchmarks/serving.py ]]; then
     T_LEFT="$(left)"
     [[ "${BENCH_PROBES:-0}" == 1 ]] && T_SERVE=$((T_LEFT - 75)) || T_SERVE=$((T_LEFT - 10))  # probes: ~60 s
@@ -685,7 +694,7 @@ if [[ -f benchmarks/serving.py ]]; then
         set +e
         LD_PRELOAD="$SEGV_SO" timeout "$T_SERVE" $PY -X faulthandler benchmarks/serving.py --release "$REL" \
             --n-gpu-layers -1 $FLASH --threads 4 --workers 4 --tokens 256 --repeats 5 --clients 8 \
-            --json "$OUT/serving_gpu.json" 2>&1 | tee "$WORK/serving.log"
+            $SERVING_ARGS --json "$OUT/serving_gpu.json" 2>&1 | tee "$WORK/serving.log"
         rc=${PIPESTATUS[0]}
         set -e
         if ((rc != 0)); then

@@ -338,7 +338,9 @@ def chat_check(ctx: JobContext) -> JobResult:
     write_json(
         ctx.out_dir / "chat_report.json",
         {
-            "streamed_pieces": len(deltas),
+            # tokens, not pieces: how many pieces carry them depends on timing (serving.stream_interval_ms),
+            # and a recomputed phase writes the same bytes
+            "streamed_tokens": result.usage.completion_tokens,
             "route": {k: v for k, v in result.route.as_dict().items() if k != "router_ms"},
             "rating_landed": True,
         },

@@ -70,7 +70,12 @@ class ServingConfig(Strict):
     n_ctx: int = Field(2048, ge=64)
     n_batch: int = Field(512, ge=1)
     n_gpu_layers: int = 0  # -1 = every layer on the GPU (a CUDA build of llama-cpp-python)
-    flash_attn: bool = False  # llama.cpp's flash attention: ~15% more decode tokens/s on an H200 (1B model)
+    # llama.cpp's flash attention: +15% decode tokens/s in one H200 build of a 1B model, -55% in another
+    # (benchmarks/README.md): measure it on the serving GPU first
+    flash_attn: bool = False
+    # text reaches the client at most this often (the first token at once): fewer wake-ups and SSE chunks
+    # than one per token (benchmarks/README.md, serving.py); 0 = every token on its own
+    stream_interval_ms: float = Field(20.0, ge=0, le=1000)
     max_request_bytes: int = Field(256 * 1024, ge=1024)
     max_messages: int = Field(64, ge=1)
     max_tokens: int = Field(1024, ge=1)  # the most a request may ask for

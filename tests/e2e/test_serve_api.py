@@ -92,6 +92,30 @@ def test_chat_and_stream_give_the_same_greedy_answer_with_routing_attached(serve
     assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
 
 
+def test_the_engine_hands_text_over_once_per_stream_interval(server: Any) -> None:
+    from forge.serve.engine import GenParams
+
+    engine = server.service.engine
+    ids = engine.prompt_ids([{"role": "user", "content": "Count from one to twenty."}], 32)
+    params = GenParams(max_tokens=32, ignore_eos=True)
+    before = engine.stream_interval_s
+    try:
+        engine.stream_interval_s = 0.0
+        each = engine.submit("base", ids, params)
+        per_token = list(each)
+        engine.stream_interval_s = 3600.0
+        held = engine.submit("base", ids, params)
+        batched = list(held)
+    finally:
+        engine.stream_interval_s = before
+    assert each.usage.completion_tokens == held.usage.completion_tokens == 32
+    assert "".join(batched) == "".join(per_token)
+    # an hour's interval: the first token at once (time to first token), the rest when generation ended;
+    # none: a hand-off per token that has text (an end-of-turn token has none, so fewer than 32)
+    assert len(batched) == 2 and batched[0] == per_token[0]
+    assert all(per_token) and len(per_token) > 2
+
+
 def test_each_mode_routes_as_it_says(server: Any) -> None:
     fast = forge(ask(server, "Write a python function that adds two numbers.", extra_body={"mode": "fast"}))
     accurate = forge(
