@@ -350,6 +350,16 @@ def _expand(value: Any, home: str) -> Any:
     return value
 
 
+def config_stamp(path: str | Path | None = None) -> tuple[str, int | None]:
+    """The config file a load would read (path, FORGE_CONFIG or the default) and its mtime (None: missing,
+    load_config then says so): a cache keyed on both re-reads an edited file."""
+    resolved = str(path or os.environ.get("FORGE_CONFIG", DEFAULT_CONFIG_PATH))
+    try:
+        return resolved, os.stat(resolved).st_mtime_ns
+    except OSError:
+        return resolved, None
+
+
 def load_config(
     path: str | Path | None = None,
     profile: str | None = None,

@@ -290,14 +290,9 @@ def _default_catalog() -> Mapping[str, ModifierDomainConfig]:
     changes."""
     import os
 
-    from forge.config import DEFAULT_CONFIG_PATH
+    from forge.config import config_stamp
 
-    path = os.environ.get("FORGE_CONFIG", str(DEFAULT_CONFIG_PATH))
-    try:
-        mtime = os.stat(path).st_mtime_ns
-    except OSError:
-        mtime = None  # load_config raises the clear error
-    return _catalog(path, mtime, os.environ.get("FORGE_PROFILE"))
+    return _catalog(*config_stamp(), os.environ.get("FORGE_PROFILE"))
 
 
 @lru_cache(maxsize=8)

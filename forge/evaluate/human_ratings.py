@@ -11,6 +11,8 @@ campaign, item and rater). Every write is one transaction, validated first: noth
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import math
 import os
 import re
@@ -187,6 +189,12 @@ def needed_ratings(raters: int, tasks_per_rater: int, min_fraction: float) -> in
 
 def rater_id(index: int) -> str:
     return f"r{index:03d}"
+
+
+def rater_key(secret: bytes, campaign: str, rater: str) -> str:
+    """The key in a rater's link (/rate/<rater>?key=...): HMAC-SHA256 of campaign and rater under the app's
+    secret, so a rater id alone (r001, r002, ... are guessable) rates nothing."""
+    return hmac.new(secret, f"{campaign}/{rater}".encode(), hashlib.sha256).hexdigest()[:32]
 
 
 def rater_index(rater: str) -> int:

@@ -163,8 +163,9 @@ def prepare(ctx: JobContext) -> JobResult:
         info={"campaign": campaign, "needed": info["needed"], "campaign_file": CAMPAIGN_FILE,
               "items_file": ITEMS_FILE},
         notes=f"campaign {campaign}: {len(rows)} blind answers ({per_domain}) in {info['db_url']}; "
-        f"serve the rating app (`python -m forge rate`) and send each rater their link, "
-        f"<app>/rate/{rater_id(1)} .. <app>/rate/{rater_id(h.raters)}; the gate waits for "
+        f"serve the rating app (`python -m forge rate`) and send each rater their link "
+        f"(<app>/rate/{rater_id(1)}?key=.. to {rater_id(h.raters)}: the links file it names); "
+        f"the gate waits for "
         f"{info['needed']} ratings, then needs a mean >= {h.min_mean:g}",
     )
 

@@ -1,18 +1,25 @@
-"""9B: the rating app. Raters open /rate/<their id>, see one blind answer at a time and score it 1-10.
+"""9B: the rating app. Raters open the link they were sent (/rate/<id>?key=<key>), see one blind answer at a
+time and score it 1-10.
 
-  GET  /                 what the study is, and how far it is
-  GET  /rate/{rater}     the rater's next unrated item (prompt + answer; no model, mode or option names), or
-                         a thank-you page when they are done
-  POST /rate/{rater}     form fields item_id, score (1-10), comment (optional): stored, then 303 to the next
-  GET  /api/progress     the campaign's progress as JSON (what the Airflow sensor polls, for humans)
+  GET  /                     what the study is, and how far it is
+  GET  /rate/{rater}?key=K   the rater's next unrated item (prompt + answer; no model, mode or option names),
+                             or a thank-you page when they are done
+  POST /rate/{rater}?key=K   form fields item_id, score (1-10), comment (optional): stored, 303 to the next
+  GET  /api/progress         the campaign's progress as JSON (what the Airflow sensor polls, for humans)
 
-Every text on a page is HTML-escaped (the answers are model text), and the pages forbid scripts by CSP.
+A rater's key is an HMAC of campaign and rater id under the app's secret (human_ratings.rater_key): the ids
+are guessable, the keys are not; a missing or wrong key is a 403 and stores nothing. Every text on a page
+is HTML-escaped (the answers are model text), and the pages forbid scripts by CSP.
 """
 
 from __future__ import annotations
 
+import hmac
 import html
+import os
 import re
+import secrets
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
@@ -28,6 +35,7 @@ from forge.evaluate.human_ratings import (
     campaign_info,
     progress,
     rater_id,
+    rater_key,
     rater_view,
     record,
 )
@@ -76,12 +84,19 @@ def parse_score(raw: Any) -> int:
     return int(m.group(1))
 
 
-def create_rating_app(db_url: str | None, campaign: str, cfg: HumanEvalStudyConfig) -> FastAPI:
+def create_rating_app(db_url: str | None, campaign: str, cfg: HumanEvalStudyConfig, secret: bytes) -> FastAPI:
     """The app over one published campaign (fails now, not at the first rater, if it is not published).
-    The campaign's stored shape (raters, tasks_per_rater, needed) rules; cfg gives the pass mark."""
+    The campaign's stored shape (raters, tasks_per_rater, needed) rules; cfg gives the pass mark; `secret`
+    signs the raters' links."""
+    if len(secret) < 16:
+        raise ValueError("the rating app's link secret must be at least 16 bytes")
     shape = campaign_info(db_url, campaign)
     raters = shape["raters"]
     app = FastAPI(title="Forge human evaluation", docs_url=None, redoc_url=None, openapi_url=None)
+
+    def signed(rater: str, key: str | None) -> None:
+        if not key or not hmac.compare_digest(key, rater_key(secret, campaign, rater)):
+            raise RatingError("this link is not valid: open the link you were sent, with its key", status=403)
 
     @app.get("/", response_class=HTMLResponse)
     async def index() -> Response:
@@ -91,8 +106,7 @@ def create_rating_app(db_url: str | None, campaign: str, cfg: HumanEvalStudyConf
 <p>An AI assistant answered a set of questions. Each rater scores {p['tasks_per_rater']} of its answers,
 one at a time, from {MIN_SCORE} (useless or wrong) to {MAX_SCORE} (excellent): correct, helpful and clear.
 You are not told which system or setting produced an answer; judge the answer alone.</p>
-<p>Open the link you were sent: <code>/rate/&lt;your rater id&gt;</code> (ids {_e(rater_id(1))} to
-{_e(rater_id(raters))}).</p>
+<p>Open the link you were sent (<code>/rate/&lt;your rater id&gt;?key=...</code>): it is yours alone.</p>
 <h2>Progress</h2>
 <p>{p['ratings']} of {p['needed']} ratings needed; {p['raters_finished']} of {raters} raters finished,
 {p['raters_started']} started. The study passes if the mean score is at least {cfg.min_mean:g}.</p>
@@ -103,8 +117,9 @@ You are not told which system or setting produced an answer; judge the answer al
         return JSONResponse(await run_in_threadpool(progress, db_url, campaign), headers=HEADERS)
 
     @app.get("/rate/{rater}", response_class=HTMLResponse)
-    async def rate_page(rater: str) -> Response:
+    async def rate_page(rater: str, key: str | None = None) -> Response:
         try:
+            signed(rater, key)
             view = await run_in_threadpool(rater_view, db_url, campaign, rater)
         except RatingError as exc:
             return error_page(exc)
@@ -130,9 +145,11 @@ You are not told which system or setting produced an answer; judge the answer al
 </form>""")
 
     @app.post("/rate/{rater}")
-    async def rate(rater: str, request: Request) -> Response:
-        back = quote(rater, safe="")  # relative: works wherever the app is mounted
+    async def rate(rater: str, request: Request, key: str | None = None) -> Response:
+        # relative, key kept: works wherever the app is mounted
+        back = f"{quote(rater, safe='')}?key={quote(key or '', safe='')}"
         try:
+            signed(rater, key)
             form = await request.form()
             item_id = form.get("item_id")
             if not isinstance(item_id, str) or not item_id:
@@ -141,7 +158,7 @@ You are not told which system or setting produced an answer; judge the answer al
             await run_in_threadpool(record, db_url, campaign, rater, item_id, parse_score(form.get("score")),
                                     comment if isinstance(comment, str) else "")
         except RatingError as exc:
-            return error_page(exc, back if exc.status != 404 else None)
+            return error_page(exc, back if exc.status not in (403, 404) else None)
         return RedirectResponse(back, status_code=303, headers=HEADERS)
 
     return app
@@ -161,6 +178,32 @@ def serve_campaign(cfg: Any, store: Any, run_id: str, host: str, port: int) -> N
                             "validation.human and run forge_pipeline through 9B.prepare first")
     h = cfg.validation.human
     info = republish(h, store.materialize(manifest))
-    print(f"rating app for campaign {info['campaign']}: http://{host}:{port}/ (raters r001..r{h.raters:03d})",
-          flush=True)
-    uvicorn.run(create_rating_app(h.db_url, info["campaign"], h), host=host, port=port, log_level="info")
+    campaign = info["campaign"]
+    secret = os.environ.get(h.link_secret_env, "").encode()
+    if not secret:
+        secret = secrets.token_bytes(32)
+        print(f"${h.link_secret_env} is not set: the links below hold until this app stops (set it to keep "
+              "them across restarts)", flush=True)
+    app = create_rating_app(h.db_url, campaign, h, secret)
+    from forge.config import forge_home
+
+    links = write_links(forge_home() / "ratings" / f"{campaign}-links.tsv", campaign, secret,
+                        f"http://{host}:{port}", h.raters)
+    # the links are the raters' credentials: into a file only this user reads, not the log
+    print(f"rating app for campaign {campaign}: http://{host}:{port}/; the {h.raters} raters' links are in "
+          f"{links} (send each rater theirs)", flush=True)
+    uvicorn.run(app, host=host, port=port, log_level="info")
+
+
+def write_links(path: Path, campaign: str, secret: bytes, base_url: str, raters: int) -> Path:
+    """rater id <TAB> link, one line per rater, written whole (temp file + rename) and readable only by
+    this user."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows = [f"{rater_id(i)}\t{base_url}/rate/{rater_id(i)}?key={rater_key(secret, campaign, rater_id(i))}"
+            for i in range(1, raters + 1)]
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write("\n".join(rows) + "\n")
+    os.replace(tmp, path)
+    return path

@@ -71,6 +71,9 @@ class HumanEvalStudyConfig(Strict):
     # the ratings database (SQLAlchemy URL): None = sqlite in FORGE_HOME; in production env:NAME, the
     # postgresql+psycopg2://... URL (with its password) in that environment variable
     db_url: str | None = None
+    # the secret that signs each rater's link (rating_app): read from this environment variable; unset, the
+    # app makes one per start (links then change on a restart)
+    link_secret_env: str = "FORGE_RATING_SECRET"
     poke_interval_s: float = Field(300.0, gt=0)  # the sensor's polling interval (in the triggerer)
     timeout_h: float = Field(168.0, gt=0)  # give up after a week
 

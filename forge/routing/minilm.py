@@ -180,7 +180,22 @@ def _onnx_session() -> Any:
 
 
 def embed_texts_int8(texts: Sequence[str], max_len: int = 128, batch_size: int = 64) -> Any:
-    """embed_texts with the int8 ONNX encoder: a float32 numpy array [len(texts), 384]."""
+    """embed_texts with the int8 ONNX encoder: a float32 numpy array [len(texts), 384]. One text comes from
+    a small per-process cache: a request's question is embedded by the router (6A) and again by 7B's
+    demonstration retrieval, and the second is then free."""
+    if len(texts) == 1:
+        return _embed_one_int8(texts[0], max_len).copy()
+    return _embed_int8(texts, max_len, batch_size)
+
+
+@functools.lru_cache(maxsize=256)
+def _embed_one_int8(text: str, max_len: int) -> Any:
+    row = _embed_int8([text], max_len, 1)
+    row.flags.writeable = False  # shared by every caller of the cache: copies go out
+    return row
+
+
+def _embed_int8(texts: Sequence[str], max_len: int, batch_size: int) -> Any:
     import numpy as np
 
     tokenizer, session = load_tokenizer(), onnx_session()

@@ -46,12 +46,15 @@ def runtime_settings(cfg: Any) -> RuntimeConfig:
 
 def deployment_runtime() -> RuntimeConfig:
     """The `runtime` section of the deployment's profile (FORGE_CONFIG, FORGE_PROFILE, default demo), as the
-    DAG processor sees it: what parse-time decisions (GPU pool slots, the queue) are made from."""
-    return _deployment_runtime(os.environ.get("FORGE_CONFIG"), os.environ.get("FORGE_PROFILE"))
+    DAG processor sees it: what parse-time decisions (GPU pool slots, the queue) are made from. Re-read when
+    the file changes, as the DAG's domain catalog is (no processor restart for new GPU counts)."""
+    from forge.config import config_stamp
+
+    return _deployment_runtime(*config_stamp(), os.environ.get("FORGE_PROFILE"))
 
 
 @lru_cache(maxsize=8)
-def _deployment_runtime(path: str | None, profile: str | None) -> RuntimeConfig:
+def _deployment_runtime(path: str, mtime: int | None, profile: str | None) -> RuntimeConfig:
     from forge.config import load_config
 
     return runtime_settings(load_config(path, profile))

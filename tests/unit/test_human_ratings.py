@@ -285,6 +285,17 @@ def test_store_on_postgresql(pg_url: str) -> None:
 # ---- the rating app --------------------------------------------------------------------------------------
 
 
+SECRET = b"a test secret of 32 bytes, fixed"
+
+
+def app(url: str, cfg: Any) -> TestClient:
+    return TestClient(create_rating_app(url, CAMPAIGN, cfg, SECRET))
+
+
+def link(rater: str) -> str:
+    return f"/rate/{rater}?key={hr.rater_key(SECRET, CAMPAIGN, rater)}"
+
+
 def item_on(page: str) -> str:
     m = re.search(r'name=item_id value="([^"]+)"', page)
     assert m, page
@@ -293,35 +304,34 @@ def item_on(page: str) -> str:
 
 def test_a_rater_rates_through_the_form_until_done(url: str) -> None:
     publish(url, n_items=4, raters=2, tpr=3, needed=6)
-    client = TestClient(create_rating_app(url, CAMPAIGN, HumanEvalStudyConfig(raters=2, tasks_per_rater=3,
-                                                                              tasks=4)))
+    client = app(url, HumanEvalStudyConfig(raters=2, tasks_per_rater=3, tasks=4))
     home = client.get("/")
     assert home.status_code == 200 and "0 of 6 ratings" in home.text
     seen = []
     for k in range(3):
-        page = client.get("/rate/r001")
+        page = client.get(link("r001"))
         assert page.status_code == 200 and f"answer {k + 1} of 3" in page.text
         assert "code" not in page.text and "general" not in page.text  # blind: no domain, task or model
         item = item_on(page.text)
         seen.append(item)
-        r = client.post("/rate/r001", data={"item_id": item, "score": str(5 + k), "comment": "ok"},
+        r = client.post(link("r001"), data={"item_id": item, "score": str(5 + k), "comment": "ok"},
                         follow_redirects=False)
-        assert r.status_code == 303 and r.headers["location"] == "r001"
+        assert r.status_code == 303 and r.headers["location"] == link("r001").removeprefix("/rate/")
     assert seen == assigned(url, "r001")
-    done = client.get("/rate/r001")
+    done = client.get(link("r001"))
     assert done.status_code == 200 and "Thank you" in done.text
     # following the redirect lands on the done page too (relative Location, resolved by the client)
     assert client.get("/api/progress").json()["ratings"] == 3
     assert client.get("/api/progress").json()["raters_finished"] == 1
-    page = client.get("/rate/r002")
-    r = client.post("/rate/r002", data={"item_id": item_on(page.text), "score": "9"})
+    page = client.get(link("r002"))
+    r = client.post(link("r002"), data={"item_id": item_on(page.text), "score": "9"})
     assert r.status_code == 200 and "answer 2 of 3" in r.text
 
 
 def test_bad_input_is_a_clear_4xx_and_stores_nothing(url: str) -> None:
     publish(url, n_items=4, raters=2, tpr=2)
-    client = TestClient(create_rating_app(url, CAMPAIGN, HumanEvalStudyConfig()))
-    item = item_on(client.get("/rate/r001").text)
+    client = app(url, HumanEvalStudyConfig())
+    item = item_on(client.get(link("r001")).text)
     for data, status, text in (
         ({"item_id": item, "score": "11"}, 422, "whole number from 1 to 10"),
         ({"item_id": item, "score": "abc"}, 422, "whole number"),
@@ -331,29 +341,52 @@ def test_bad_input_is_a_clear_4xx_and_stores_nothing(url: str) -> None:
         ({"item_id": "it99", "score": "7"}, 404, "unknown item"),
         ({"item_id": item, "score": "7", "comment": "x" * 5000}, 422, "comment too long"),
     ):
-        r = client.post("/rate/r001", data=data)
+        r = client.post(link("r001"), data=data)
         assert r.status_code == status and text in r.text, (data, r.status_code, r.text)
     other = next(i for i in assigned(url, "r002") if i not in assigned(url, "r001"))
-    assert client.post("/rate/r001", data={"item_id": other, "score": "7"}).status_code == 403
-    assert client.get("/rate/r003").status_code == 404
-    assert client.post("/rate/r003", data={"item_id": item, "score": "7"}).status_code == 404
-    assert client.get("/rate/nobody").status_code == 404
+    assert client.post(link("r001"), data={"item_id": other, "score": "7"}).status_code == 403
+    assert client.get(link("r003")).status_code == 404
+    assert client.post(link("r003"), data={"item_id": item, "score": "7"}).status_code == 404
+    assert client.get(link("nobody")).status_code == 404
     assert count(url, hr.ratings) == 0
     with pytest.raises(RatingError, match="unknown campaign"):
-        create_rating_app(url, "9b-nope", HumanEvalStudyConfig())
+        create_rating_app(url, "9b-nope", HumanEvalStudyConfig(), SECRET)
+
+
+def test_a_rater_id_without_its_key_rates_nothing(url: str, tmp_path: Path) -> None:
+    from forge.evaluate.rating_app import write_links
+
+    publish(url, n_items=4, raters=2, tpr=2)
+    client = app(url, HumanEvalStudyConfig())
+    item = item_on(client.get(link("r001")).text)
+    other_key = hr.rater_key(SECRET, CAMPAIGN, "r002")
+    for path in ("/rate/r001", "/rate/r001?key=", f"/rate/r001?key={other_key}",
+                 f"/rate/r001?key={hr.rater_key(b'another secret, 32 bytes long...', CAMPAIGN, 'r001')}"):
+        page = client.get(path)
+        assert page.status_code == 403 and "not valid" in page.text and item not in page.text
+        assert client.post(path, data={"item_id": item, "score": "7"}).status_code == 403
+    assert count(url, hr.ratings) == 0
+    assert hr.rater_key(SECRET, "9b-other", "r001") != hr.rater_key(SECRET, CAMPAIGN, "r001")
+    with pytest.raises(ValueError, match="16 bytes"):
+        create_rating_app(url, CAMPAIGN, HumanEvalStudyConfig(), b"short")
+    # the links file: every rater's link, the key it carries opens the page, only this user reads it
+    links = write_links(tmp_path / "links.tsv", CAMPAIGN, SECRET, "http://127.0.0.1:8090", 2)
+    rows = [line.split("\t") for line in links.read_text().splitlines()]
+    assert [r for r, _ in rows] == ["r001", "r002"] and (links.stat().st_mode & 0o777) == 0o600
+    assert client.get(rows[1][1].removeprefix("http://127.0.0.1:8090")).status_code == 200
 
 
 def test_model_text_is_escaped(url: str) -> None:
     rows = make_items(2, output="<script>alert('x')</script> & <b>bold</b>")
     rows[0]["prompt"] = rows[1]["prompt"] = 'say "<img src=x onerror=alert(1)>"'
     publish(url, raters=1, tpr=2, rows=rows)
-    client = TestClient(create_rating_app(url, CAMPAIGN, HumanEvalStudyConfig()))
-    page = client.get("/rate/r001")
+    client = app(url, HumanEvalStudyConfig())
+    page = client.get(link("r001"))
     assert "<script>" not in page.text and "<img" not in page.text and "<b>bold" not in page.text
     assert "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt; &amp; &lt;b&gt;bold&lt;/b&gt;" in page.text
     assert "&lt;img src=x onerror=alert(1)&gt;" in page.text
     assert "script-src" not in page.headers["content-security-policy"]  # default-src 'none': no scripts
-    bad = client.post("/rate/r001", data={"item_id": "<script>x</script>", "score": "5"})
+    bad = client.post(link("r001"), data={"item_id": "<script>x</script>", "score": "5"})
     assert bad.status_code == 404 and "<script>x" not in bad.text
 
 

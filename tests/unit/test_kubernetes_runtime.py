@@ -228,6 +228,31 @@ def test_gpu_count_comes_from_the_deployment_profile_and_is_the_pool_slots(
     assert (k.pool, k.pool_slots) == ("gpu", 1) and k.queue != "gpu"
 
 
+def test_the_deployment_runtime_is_read_again_when_the_config_file_changes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    import yaml
+
+    from forge.config import DEFAULT_CONFIG_PATH
+    from operators.runtimes import deployment_runtime
+
+    raw = yaml.safe_load(DEFAULT_CONFIG_PATH.read_text())
+    path = tmp_path / "pipeline.yaml"
+
+    def write(gpus: int, mtime_ns: int) -> None:
+        raw["profiles"]["production"]["runtime"]["gpus"] = {"G": gpus}
+        path.write_text(yaml.safe_dump(raw))
+        os.utime(path, ns=(mtime_ns, mtime_ns))  # distinct stamps, however coarse the file system's clock
+
+    monkeypatch.setenv("FORGE_CONFIG", str(path))
+    monkeypatch.setenv("FORGE_PROFILE", "production")
+    write(4, 1_000_000_000)
+    assert deployment_runtime().gpus_for("G") == 4
+    write(8, 2_000_000_000)
+    assert deployment_runtime().gpus_for("G") == 8
+
+
 # ---- the operator end to end, the pod faked at the Kubernetes API ------------------------------------
 def _write(ctx: JobContext) -> JobResult:
     (ctx.out_dir / "out.json").write_text(json.dumps({"steps": ctx.config.train.max_steps}))

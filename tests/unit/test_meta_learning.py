@@ -95,6 +95,30 @@ def test_apply_puts_demonstrations_before_the_question(templates) -> None:
     assert fs.apply([{"role": "assistant", "content": "hi"}]) == [{"role": "assistant", "content": "hi"}]
 
 
+def test_the_router_and_retrieval_embed_a_question_once(templates, monkeypatch: pytest.MonkeyPatch) -> None:
+    from forge.routing import minilm
+    from forge.routing.features import MiniLMFeatures
+    from forge.serve.few_shot import embed
+
+    real, runs = minilm.onnx_session(), []
+
+    class Counting:  # the ONNX session, counting its runs
+        def run(self, *args: object) -> object:
+            runs.append(1)
+            return real.run(*args)
+
+    monkeypatch.setattr(minilm, "onnx_session", Counting)
+    question = "What is 17 times 23? (asked once, embedded for the router and for retrieval)"
+    routed = MiniLMFeatures().embed([question])
+    retrieved = embed([question])
+    assert len(runs) == 1
+    np.testing.assert_allclose(retrieved[0], routed[0] / np.linalg.norm(routed[0]), rtol=1e-5, atol=1e-6)
+    routed[0, :] = 0  # a caller's copy: the cached row is untouched
+    assert np.linalg.norm(MiniLMFeatures().embed([question])[0]) > 0.5 and len(runs) == 1
+    embed([question, "another question"])  # batches are not cached
+    assert len(runs) == 2
+
+
 def test_a_damaged_template_set_is_a_clear_error(templates, tmp_path: Path) -> None:
     from forge.serve.few_shot import EMBEDDINGS, FewShot, build
 
