@@ -87,17 +87,6 @@ def decode(llm: Any, ids: list[int], tokens: int, on_token: Any = None) -> tuple
     return (first - started) * 1000, (tokens - 1) / (last - first)
 
 
-def raw_llama(
-    release: Any, ids: list[int], tokens: int, repeats: int, n_ctx: int, a: argparse.Namespace
-) -> dict[str, Any]:
-    """The floor the engine is compared with: raw llama-cpp-python in this thread."""
-    llm = raw_model(release, n_ctx, a)
-    runs = [decode(llm, ids, tokens) for _ in range(repeats + 1)][1:]  # the first is a warm-up
-    llm.close()
-    return {"ttft_ms": statistics.median(r[0] for r in runs),
-            "tokens_per_s": statistics.median(r[1] for r in runs)}
-
-
 def per_token_path(
     release: Any, ids: list[int], tokens: int, repeats: int, n_ctx: int, a: argparse.Namespace,
     interval_ms: float,

@@ -350,14 +350,16 @@ def _expand(value: Any, home: str) -> Any:
     return value
 
 
-def config_stamp(path: str | Path | None = None) -> tuple[str, int | None]:
-    """The config file a load would read (path, FORGE_CONFIG or the default) and its mtime (None: missing,
-    load_config then says so): a cache keyed on both re-reads an edited file."""
+def config_stamp(path: str | Path | None = None) -> tuple[str, tuple[int, int, int] | None]:
+    """The config file a load would read (path, FORGE_CONFIG or the default) and its (mtime, size, inode)
+    (None: missing, load_config then says so): a cache keyed on both re-reads an edited or replaced file,
+    even two writes within one tick of a coarse file-system clock when the size or the file changed."""
     resolved = str(path or os.environ.get("FORGE_CONFIG", DEFAULT_CONFIG_PATH))
     try:
-        return resolved, os.stat(resolved).st_mtime_ns
+        st = os.stat(resolved)
     except OSError:
         return resolved, None
+    return resolved, (st.st_mtime_ns, st.st_size, st.st_ino)
 
 
 def load_config(

@@ -296,7 +296,9 @@ def _default_catalog() -> Mapping[str, ModifierDomainConfig]:
 
 
 @lru_cache(maxsize=8)
-def _catalog(path: str, mtime: int | None, profile: str | None) -> Mapping[str, ModifierDomainConfig]:
+def _catalog(
+    path: str, stamp: tuple[int, int, int] | None, profile: str | None
+) -> Mapping[str, ModifierDomainConfig]:
     from forge.config import load_config
 
     return load_config(path, profile).modifiers.domains

@@ -681,7 +681,7 @@ step "f. how the libraries get their C++ runtime (host compiler $(command -v g++
   done ) 2>&1 || true
 # BENCH_FLASH=0: without flash attention (a build with -DGGML_CUDA_FA=OFF compiles in about half the time)
 [[ "${BENCH_FLASH:-1}" == 1 ]] && FLASH="--flash-attn" || FLASH=""
-SERVING_ARGS="${BENCH_SERVING_ARGS:---breakdown}"  # extra benchmarks/serving.py arguments
+SERVING_ARGS="${BENCH_SERVING_ARGS---breakdown}"  # extra benchmarks/serving.py arguments ("" for none)
 if [[ -f benchmarks/serving.py ]]; then
     T_LEFT="$(left)"
     [[ "${BENCH_PROBES:-0}" == 1 ]] && T_SERVE=$((T_LEFT - 75)) || T_SERVE=$((T_LEFT - 10))  # probes: ~60 s

@@ -19,6 +19,7 @@ import html
 import os
 import re
 import secrets
+import socket
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -47,6 +48,7 @@ HEADERS = {
                                "frame-ancestors 'none'",
     "X-Content-Type-Options": "nosniff",
     "Cache-Control": "no-store",
+    "Referrer-Policy": "no-referrer",  # the page's URL holds the rater's key
 }
 STYLE = """
 body { font-family: system-ui, sans-serif; max-width: 52rem; margin: 2rem auto; padding: 0 1rem;
@@ -95,7 +97,8 @@ def create_rating_app(db_url: str | None, campaign: str, cfg: HumanEvalStudyConf
     app = FastAPI(title="Forge human evaluation", docs_url=None, redoc_url=None, openapi_url=None)
 
     def signed(rater: str, key: str | None) -> None:
-        if not key or not hmac.compare_digest(key, rater_key(secret, campaign, rater)):
+        # bytes: compare_digest refuses non-ASCII str, and a key is whatever the URL held
+        if not key or not hmac.compare_digest(key.encode(), rater_key(secret, campaign, rater).encode()):
             raise RatingError("this link is not valid: open the link you were sent, with its key", status=403)
 
     @app.get("/", response_class=HTMLResponse)
@@ -182,17 +185,19 @@ def serve_campaign(cfg: Any, store: Any, run_id: str, host: str, port: int) -> N
     secret = os.environ.get(h.link_secret_env, "").encode()
     if not secret:
         secret = secrets.token_bytes(32)
-        print(f"${h.link_secret_env} is not set: the links below hold until this app stops (set it to keep "
+        print(f"${h.link_secret_env} is not set: the raters' links hold until this app stops (set it to keep "
               "them across restarts)", flush=True)
     app = create_rating_app(h.db_url, campaign, h, secret)
     from forge.config import forge_home
 
+    public = socket.getfqdn() if host in ("0.0.0.0", "::") else host  # a link must name a reachable host
     links = write_links(forge_home() / "ratings" / f"{campaign}-links.tsv", campaign, secret,
-                        f"http://{host}:{port}", h.raters)
+                        f"http://{public}:{port}", h.raters)
     # the links are the raters' credentials: into a file only this user reads, not the log
     print(f"rating app for campaign {campaign}: http://{host}:{port}/; the {h.raters} raters' links are in "
           f"{links} (send each rater theirs)", flush=True)
-    uvicorn.run(app, host=host, port=port, log_level="info")
+    # no access log: a request line carries the rater's key
+    uvicorn.run(app, host=host, port=port, log_level="info", access_log=False)
 
 
 def write_links(path: Path, campaign: str, secret: bytes, base_url: str, raters: int) -> Path:
@@ -203,6 +208,7 @@ def write_links(path: Path, campaign: str, secret: bytes, base_url: str, raters:
             for i in range(1, raters + 1)]
     tmp = path.with_suffix(".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # a leftover temp file keeps its mode through O_CREAT
     with os.fdopen(fd, "w") as f:
         f.write("\n".join(rows) + "\n")
     os.replace(tmp, path)

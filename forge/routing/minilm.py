@@ -10,10 +10,12 @@ this module stays cheap.
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib.util
 import logging
 import os
 import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -183,16 +185,31 @@ def embed_texts_int8(texts: Sequence[str], max_len: int = 128, batch_size: int =
     """embed_texts with the int8 ONNX encoder: a float32 numpy array [len(texts), 384]. One text comes from
     a small per-process cache: a request's question is embedded by the router (6A) and again by 7B's
     demonstration retrieval, and the second is then free."""
-    if len(texts) == 1:
-        return _embed_one_int8(texts[0], max_len).copy()
-    return _embed_int8(texts, max_len, batch_size)
+    if len(texts) != 1:
+        return _embed_int8(texts, max_len, batch_size)
+    # keyed by a digest: a request's text (up to the API's size limit) is not kept
+    key = hashlib.sha256(f"{max_len}\0{texts[0]}".encode()).digest()
+    with _ONE_LOCK:
+        row = _ONE.get(key)
+        if row is not None:
+            _ONE.move_to_end(key)
+    if row is None:
+        row = _embed_int8(texts, max_len, 1)
+        with _ONE_LOCK:
+            _ONE[key] = row
+            while len(_ONE) > ONE_TEXT_CACHE:
+                _ONE.popitem(last=False)
+    return row.copy()  # the cached row stays as computed, whatever a caller does with its copy
 
 
-@functools.lru_cache(maxsize=256)
-def _embed_one_int8(text: str, max_len: int) -> Any:
-    row = _embed_int8([text], max_len, 1)
-    row.flags.writeable = False  # shared by every caller of the cache: copies go out
-    return row
+ONE_TEXT_CACHE = 256  # single-text embeddings kept (384 float32 each: ~0.4 MB)
+_ONE: OrderedDict[bytes, Any] = OrderedDict()
+_ONE_LOCK = threading.Lock()
+
+
+def clear_embedding_cache() -> None:
+    with _ONE_LOCK:
+        _ONE.clear()
 
 
 def _embed_int8(texts: Sequence[str], max_len: int, batch_size: int) -> Any:

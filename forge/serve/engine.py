@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from forge.serve.release import BASE, Release
+from forge.serve.stop_strings import StopScanner
 
 log = logging.getLogger("forge.serve")
 
@@ -361,7 +362,7 @@ class Engine:
         pieces, interval, out = self._pieces, self.stream_interval_s, stream._out
         pending: list[str] = []  # text not yet handed over
         last_put = -interval  # the first piece goes out at once: time to first token
-        text = ""  # what was generated, kept only to find stop strings
+        stops = StopScanner(p.stop) if p.stop else None
         tokens = llm.generate(
             job.ids,
             top_k=p.top_k,
@@ -387,13 +388,12 @@ class Engine:
                 if raw is None:
                     raw = pieces[token] = llm.detokenize([token])
                 piece = decoder.decode(raw)
-                if p.stop and piece:
-                    hit = _first_stop(text + piece, p.stop, len(text))
-                    if hit is not None:
-                        pending.append((text + piece)[len(text) : hit])
+                if stops is not None and piece:
+                    piece = stops.feed(piece)  # held back while it could be the start of a stop string
+                    if stops.hit:
+                        pending.append(piece)
                         usage.finish_reason = "stop"
                         break
-                    text += piece
                 if piece:
                     pending.append(piece)
                     now = time.perf_counter()
@@ -405,6 +405,8 @@ class Engine:
                     break
         finally:
             tokens.close()
+            if stops is not None:
+                pending.append(stops.flush())  # ended otherwise: what was held back was not a stop
             tail = "".join(pending)
             if tail:
                 out.put(tail)
@@ -428,16 +430,6 @@ class Engine:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _first_stop(text: str, stops: Sequence[str], searched: int) -> int | None:
-    """Index where the earliest stop string starts, looking only at text new since `searched`."""
-    best = None
-    for s in stops:
-        i = text.find(s, max(0, searched - len(s) + 1))
-        if i >= 0 and (best is None or i < best):
-            best = i
-    return best
 
 
 _GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q",

@@ -54,7 +54,7 @@ def deployment_runtime() -> RuntimeConfig:
 
 
 @lru_cache(maxsize=8)
-def _deployment_runtime(path: str, mtime: int | None, profile: str | None) -> RuntimeConfig:
+def _deployment_runtime(path: str, stamp: tuple[int, int, int] | None, profile: str | None) -> RuntimeConfig:
     from forge.config import load_config
 
     return runtime_settings(load_config(path, profile))

@@ -91,7 +91,9 @@ def chat_server(tiny_run: Any, tmp_path_factory: pytest.TempPathFactory) -> Iter
         mp.setenv("FORGE_HOME", str(tiny_run.home))
         started = time.perf_counter()
         release = build_release(tiny_run, tmp_path_factory.mktemp("chat_release") / "release")
-        cfg = tiny_run.config({"serving": {"workers": 1, "default_max_tokens": 24}})
+        # a piece per token: at the tiny model's speed one 20 ms interval could carry the whole answer after
+        # a whitespace first token, and the page would never show a partial one
+        cfg = tiny_run.config({"serving": {"workers": 1, "default_max_tokens": 24, "stream_interval_ms": 0}})
         service = build_service(release, cfg)
         held = HeldStream(service.stream)
         service.stream = held  # the UI calls service.stream: it gets the held one

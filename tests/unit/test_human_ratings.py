@@ -360,7 +360,7 @@ def test_a_rater_id_without_its_key_rates_nothing(url: str, tmp_path: Path) -> N
     client = app(url, HumanEvalStudyConfig())
     item = item_on(client.get(link("r001")).text)
     other_key = hr.rater_key(SECRET, CAMPAIGN, "r002")
-    for path in ("/rate/r001", "/rate/r001?key=", f"/rate/r001?key={other_key}",
+    for path in ("/rate/r001", "/rate/r001?key=", f"/rate/r001?key={other_key}", "/rate/r001?key=%C3%A9",
                  f"/rate/r001?key={hr.rater_key(b'another secret, 32 bytes long...', CAMPAIGN, 'r001')}"):
         page = client.get(path)
         assert page.status_code == 403 and "not valid" in page.text and item not in page.text
@@ -370,10 +370,13 @@ def test_a_rater_id_without_its_key_rates_nothing(url: str, tmp_path: Path) -> N
     with pytest.raises(ValueError, match="16 bytes"):
         create_rating_app(url, CAMPAIGN, HumanEvalStudyConfig(), b"short")
     # the links file: every rater's link, the key it carries opens the page, only this user reads it
+    (tmp_path / "links.tmp").write_text("a leftover")
+    (tmp_path / "links.tmp").chmod(0o644)
     links = write_links(tmp_path / "links.tsv", CAMPAIGN, SECRET, "http://127.0.0.1:8090", 2)
     rows = [line.split("\t") for line in links.read_text().splitlines()]
     assert [r for r, _ in rows] == ["r001", "r002"] and (links.stat().st_mode & 0o777) == 0o600
-    assert client.get(rows[1][1].removeprefix("http://127.0.0.1:8090")).status_code == 200
+    opened = client.get(rows[1][1].removeprefix("http://127.0.0.1:8090"))
+    assert opened.status_code == 200 and opened.headers["referrer-policy"] == "no-referrer"
 
 
 def test_model_text_is_escaped(url: str) -> None:

@@ -108,15 +108,19 @@ def test_the_router_and_retrieval_embed_a_question_once(templates, monkeypatch: 
             return real.run(*args)
 
     monkeypatch.setattr(minilm, "onnx_session", Counting)
+    minilm.clear_embedding_cache()
     question = "What is 17 times 23? (asked once, embedded for the router and for retrieval)"
     routed = MiniLMFeatures().embed([question])
     retrieved = embed([question])
     assert len(runs) == 1
     np.testing.assert_allclose(retrieved[0], routed[0] / np.linalg.norm(routed[0]), rtol=1e-5, atol=1e-6)
-    routed[0, :] = 0  # a caller's copy: the cached row is untouched
-    assert np.linalg.norm(MiniLMFeatures().embed([question])[0]) > 0.5 and len(runs) == 1
+    mine = minilm.embed_texts_int8([question])
+    mine[0, :] = 0  # a caller's own copy: the cached row is untouched
+    np.testing.assert_array_equal(minilm.embed_texts_int8([question]), routed)
+    assert len(runs) == 1
     embed([question, "another question"])  # batches are not cached
-    assert len(runs) == 2
+    minilm.embed_texts_int8([question], max_len=16)  # nor is one text shared across truncation lengths
+    assert len(runs) == 3
 
 
 def test_a_damaged_template_set_is_a_clear_error(templates, tmp_path: Path) -> None:
