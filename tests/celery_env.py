@@ -70,8 +70,8 @@ def pg_admin(connect_timeout: int = 5):
     return conn
 
 
-def create_database() -> str:
-    name = f"forge_celery_{os.getpid()}_{uuid.uuid4().hex[:6]}"
+def create_database(prefix: str = "forge_celery") -> str:
+    name = f"{prefix}_{os.getpid()}_{uuid.uuid4().hex[:6]}"
     conn = pg_admin()  # not `with conn`: psycopg2 2.9 opens a transaction there, even in autocommit
     try:
         with conn.cursor() as cur:

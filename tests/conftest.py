@@ -115,3 +115,20 @@ def in_tiny_run(tiny_run: TinyRun, monkeypatch: pytest.MonkeyPatch) -> TinyRun:
     """tiny_run with FORGE_HOME pointed at its home for this test."""
     monkeypatch.setenv("FORGE_HOME", str(tiny_run.home))
     return tiny_run
+
+
+def write_config_with_domains(dest: Path, keep: tuple[str, ...]) -> Path:
+    """config/pipeline.yaml with only `keep` in the modifier catalog (defaults and every profile): a DAG
+    whose other domain TaskGroups are absent, for a test about something else (each disabled domain adds
+    8 tasks that skip, ~5 s of a worker each on a live stack). Point FORGE_CONFIG at the file."""
+    import yaml
+
+    raw = yaml.safe_load((REPO / "config" / "pipeline.yaml").read_text())
+    for section in [raw["defaults"], *raw.get("profiles", {}).values()]:
+        mods = section.get("modifiers") or {}
+        if "domains" in mods:
+            mods["domains"] = {d: spec for d, spec in mods["domains"].items() if d in keep}
+        if "enabled" in mods:
+            mods["enabled"] = [d for d in mods["enabled"] if d in keep]
+    dest.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return dest

@@ -81,7 +81,7 @@ class AxolotlConfig(Strict):
     # the GPU trainer image) with its sdpa varlen patch
     sample_packing: bool = False
     gradient_checkpointing: bool = False
-    dataset_num_proc: int = Field(1, ge=1)  # tokenizing processes in `axolotl preprocess`
+    dataset_num_proc: int = Field(1, ge=1)  # tokenizing processes (`train`; multi-GPU: `preprocess`)
 
     @model_validator(mode="after")
     def _consistent(self) -> AxolotlConfig:
@@ -169,7 +169,7 @@ def render_axolotl_yaml(
     dataset_path / eval_path: JSONL with a `messages` list per row (write_chat_jsonl writes one); with
     preference_beta, preference rows instead (write_preference_jsonl).
     output_dir: Axolotl's output (checkpoint-N folders, then the final adapter at its top).
-    prepared_dir: where `axolotl preprocess` puts the tokenized dataset (default: output_dir/prepared).
+    prepared_dir: where Axolotl puts the tokenized dataset (default: output_dir/prepared).
     resume_from: a checkpoint-N folder to continue from (step, optimizer, scheduler, adapter weights).
     init_adapter: an existing LoRA adapter folder to start from (a warm start, not a resume; SFT only).
     preference_beta: DPO (`rl: dpo`) with this beta instead of SFT; see the module doc.

@@ -1,4 +1,5 @@
-"""Run Axolotl (`axolotl preprocess`, then `axolotl train`) on a rendered YAML in Axolotl's own runtime.
+"""Run Axolotl (`axolotl train`; with several GPUs `axolotl preprocess` first) on a rendered YAML in Axolotl's
+own runtime.
 
 Where Axolotl lives, first match wins (the same convention as operators' `venv:axolotl` runtime):
   1. env FORGE_RUNTIME_AXOLOTL = that runtime's python (its bin/ holds the `axolotl` CLI)
@@ -312,7 +313,9 @@ def run_axolotl(
     gpus: int | None = None,
     on_checkpoint: Callable[[int, Path], None] | None = None,
 ) -> AxolotlResult:
-    """`axolotl preprocess` then `axolotl train` for one rendered YAML; the adapter and its metrics.
+    """`axolotl train` for one rendered YAML; the adapter and its metrics. One process tokenizes the data
+    itself (into the YAML's dataset_prepared_path); with several, `axolotl preprocess` runs first so that
+    the ranks load one prepared copy instead of each tokenizing it (a separate start costs ~10 s of imports).
 
     gpus: data-parallel processes (default: FORGE_GPUS, else 1). launcher: "python" forces one process;
     "accelerate"/"torchrun" choose the multi-GPU launcher (default: FORGE_LAUNCHER, else accelerate).
@@ -335,10 +338,11 @@ def run_axolotl(
     port = _free_port() if n_gpus > 1 and multi == "accelerate" else None
     train_cmd = train_argv(yaml_path, n_gpus, multi, axolotl=axolotl, main_process_port=port)
 
-    for name, cmd, on_line in (
-        ("preprocess", [axolotl, "preprocess", str(yaml_path)], None),
-        ("train", train_cmd, _CheckpointWatch(output_dir, on_checkpoint, resumed_from)),
-    ):
+    steps: list[tuple[str, list[str], _CheckpointWatch | None]] = [
+        ("train", train_cmd, _CheckpointWatch(output_dir, on_checkpoint, resumed_from))]
+    if n_gpus > 1:
+        steps.insert(0, ("preprocess", [axolotl, "preprocess", str(yaml_path)], None))
+    for name, cmd, on_line in steps:
         where = f", {n_gpus} GPUs via {multi}" if name == "train" and n_gpus > 1 else ""
         logger.info("axolotl %s %s (runtime %s%s)", name, yaml_path.name, bin_dir.parent, where)
         rc, tail = _stream(cmd, child_env, yaml_path.parent, logger, on_line)

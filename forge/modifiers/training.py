@@ -8,9 +8,10 @@ at its own verified copies.
 
 G re-points the paths, puts Axolotl's output and tokenized data under its scratch dir, and adds what only G
 knows: the device it trains on (F may have rendered on a CPU worker for a GPU trainer), the checkpoint it
-resumes from and the task's MLflow run. It runs `axolotl preprocess` + `axolotl train` in Axolotl's runtime,
-pushes each checkpoint to the artifact store, and commits the adapter. A retried G stages the newest stored
-checkpoint and sets only `resume_from_checkpoint` (never `lora_model_dir`: that would wrap PEFT twice).
+resumes from and the task's MLflow run. It runs `axolotl train` (multi-GPU: `preprocess` first) in
+Axolotl's runtime, pushes each checkpoint to the artifact store, and commits the adapter. A retried G stages
+the newest stored checkpoint and sets only `resume_from_checkpoint` (never `lora_model_dir`: that would wrap
+PEFT twice).
 """
 
 from __future__ import annotations
@@ -274,7 +275,7 @@ def committed_history(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def train(ctx: JobContext) -> JobResult:
-    """G: Axolotl preprocess + train on F's YAML; checkpoints to the store; the adapter committed."""
+    """G: Axolotl train on F's YAML; checkpoints to the store; the adapter committed."""
     from forge.modifiers.axolotl_runner import run_axolotl, stage_checkpoint
     from forge.train.qlora_trainer import base_name, plot_losses
 

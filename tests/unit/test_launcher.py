@@ -84,7 +84,7 @@ def _yaml(tmp_path: Path) -> Path:
 def test_run_axolotl_uses_the_multi_gpu_launcher_when_the_operator_asks(
         tmp_path: Path, captured: list[list[str]]) -> None:
     run_axolotl(_yaml(tmp_path))
-    assert captured[-1][-2:] == ["--launcher", "python"]  # nothing asked: one process
+    assert len(captured) == 1 and captured[-1][-2:] == ["--launcher", "python"]  # one process: it tokenizes
     run_axolotl(_yaml(tmp_path), env={"FORGE_GPUS": "4", "FORGE_LAUNCHER": "torchrun",
                                       "CUDA_VISIBLE_DEVICES": "0,1,2,3"})
     preprocess, train = captured[-2:]

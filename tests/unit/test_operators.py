@@ -298,3 +298,33 @@ def test_teacher_keys_come_from_connections_and_only_for_the_phase_teachers(
     monkeypatch.setenv("AIRFLOW_CONN_FORGE_DASHSCOPE", json.dumps({"conn_type": "generic"}))
     with pytest.raises(ValueError, match="'forge_dashscope' has no password"):
         TeacherKeysHook(cfg, code["B"]).key_env()
+
+
+PRELOAD_CHECK = """
+import sys
+from airflow.executors.executor_loader import ExecutorLoader
+from operators.executors.preloaded_local import PRELOAD
+name = ExecutorLoader.get_executor_names()[0]  # what AIRFLOW__CORE__EXECUTOR (the stack's) names
+executor = ExecutorLoader.import_executor_cls(name)[0](parallelism=2)
+before = [m for m in PRELOAD if m in sys.modules]
+executor.start()
+try:
+    print("PRELOAD", before, [m for m in PRELOAD if m not in sys.modules], len(executor.workers), flush=True)
+finally:
+    executor.end()
+"""
+
+
+def test_the_stacks_executor_imports_forges_modules_before_forking_its_workers(tmp_path: Path) -> None:
+    import re
+    import subprocess
+
+    stack = (Path(__file__).resolve().parents[2] / "scripts" / "stack.sh").read_text()
+    executor = re.search(r'\[AIRFLOW__CORE__EXECUTOR\]="([^"]+)"', stack).group(1)
+    env = {**os.environ, "AIRFLOW_HOME": str(tmp_path), "AIRFLOW__CORE__EXECUTOR": executor,
+           "AIRFLOW__CORE__LOAD_EXAMPLES": "False", "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    out = subprocess.run([sys.executable, "-c", PRELOAD_CHECK], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    # none loaded by the executor's import; all of them loaded when the 2 workers (and their tasks) fork
+    assert [line for line in out.stdout.splitlines() if line.startswith("PRELOAD")] == ["PRELOAD [] [] 2"]

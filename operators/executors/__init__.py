@@ -1,0 +1,1 @@
+"""Executors of the embedded stack (scripts/stack.sh)."""
