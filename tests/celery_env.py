@@ -61,6 +61,17 @@ def services_unreachable() -> str | None:
     return None
 
 
+def require_services() -> None:
+    """When PostgreSQL or Redis is down: fail in CI (.ci/run starts both), else skip, saying why."""
+    import pytest
+
+    reason = services_unreachable()
+    if reason:
+        if os.environ.get("CI"):
+            pytest.fail(f"{reason} (in CI)")
+        pytest.skip(reason)
+
+
 def pg_admin(connect_timeout: int = 5):
     import psycopg2
 

@@ -18,7 +18,7 @@ import uuid
 
 import pytest
 
-from tests.celery_env import CeleryStack, redis_keys, services_unreachable
+from tests.celery_env import CeleryStack, redis_keys, require_services
 from tests.conftest import TINY_OVERRIDES
 
 pytestmark = pytest.mark.services
@@ -52,11 +52,7 @@ def task_id(phase_id: str) -> str:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory):
-    reason = services_unreachable()
-    if reason:
-        if os.environ.get("CI"):  # .ci/run starts both: there they must be up
-            pytest.fail(f"{reason} (in CI)")
-        pytest.skip(reason)
+    require_services()
     # nothing of a developer's Airflow/Forge settings (or of other test modules' airflow_env) leaks in
     base_env = {k: v for k, v in os.environ.items()
                 if not k.startswith(("AIRFLOW", "FORGE_", "MLFLOW_")) and k != "PYTHONPATH"}

@@ -192,21 +192,15 @@ def test_train_gives_an_adapter_that_learned_the_rows(tiny: Path, trained) -> No
 
 
 def answer_loss(model: Any, tok: Any, n: int = 40) -> float:
-    """Mean cross-entropy of the training rows' answers, given their chat-formatted prompts."""
-    import torch
+    """Mean negative log-prob of the training rows' answers after their chat prompts (the eval harness's
+    teacher-forced scoring)."""
+    from forge.evaluate.harness import HFBackend
 
-    total, count = 0.0, 0
-    for row in make_rows(n):
-        prompt = tok.apply_chat_template(row["messages"][:-1], add_generation_prompt=True, tokenize=False)
-        full = tok.apply_chat_template(row["messages"], tokenize=False)
-        p_ids = tok(prompt, add_special_tokens=False)["input_ids"]
-        ids = torch.tensor([tok(full, add_special_tokens=False)["input_ids"]])
-        labels = ids.clone()
-        labels[0, : len(p_ids)] = -100
-        k = int((labels[0, 1:] != -100).sum())  # tokens the loss averaged over (labels shift by one)
-        total += model(input_ids=ids, labels=labels).loss.item() * k
-        count += k
-    return total / count
+    backend = HFBackend(model, tok, "cpu")
+    rows = make_rows(n)
+    logprobs = backend.answer_logprobs([backend.prompt(r["messages"][:-1]) for r in rows],
+                                       [r["messages"][-1]["content"] for r in rows])
+    return -sum(logprobs) / len(logprobs)
 
 
 @needs_axolotl

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from tests.airflow_env import configure
+from tests.airflow_env import REPO, configure
 
 configure()
 
@@ -319,10 +319,10 @@ def test_the_stacks_executor_imports_forges_modules_before_forking_its_workers(t
     import re
     import subprocess
 
-    stack = (Path(__file__).resolve().parents[2] / "scripts" / "stack.sh").read_text()
+    stack = (REPO / "scripts" / "stack.sh").read_text()
     executor = re.search(r'\[AIRFLOW__CORE__EXECUTOR\]="([^"]+)"', stack).group(1)
     env = {**os.environ, "AIRFLOW_HOME": str(tmp_path), "AIRFLOW__CORE__EXECUTOR": executor,
-           "AIRFLOW__CORE__LOAD_EXAMPLES": "False", "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+           "AIRFLOW__CORE__LOAD_EXAMPLES": "False", "PYTHONPATH": str(REPO)}
     out = subprocess.run([sys.executable, "-c", PRELOAD_CHECK], env=env, capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 0, out.stderr[-3000:]
